@@ -1,0 +1,218 @@
+"""
+Plumbing shared by every script: the config helper, strict safetensors I/O, atomic writes,
+the one attention function both models call, and device / distributed setup.
+"""
+import ast
+import contextlib
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+# -----------------------------------------------------------------------------
+# config: every script starts with `config = dict(...)` and calls configure(config)
+
+def _parse_value(key, text, default):
+    """Parse a command-line value as a Python literal; a bare word is a string."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(default, bool) and isinstance(value, str) and value.lower() in ('true', 'false'):
+        value = value.lower() == 'true'
+    return _check_type(key, value, default)
+
+
+def _check_type(key, value, default):
+    if default is None or value is None:
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not type(default):
+        raise ValueError(f"config key '{key}' expects {type(default).__name__} "
+                         f"(default {default!r}), got {type(value).__name__} {value!r}")
+    return value
+
+
+def read_config_file(path):
+    """A config file is one Python dict literal (comments allowed); it is parsed, never executed."""
+    try:
+        with open(path) as f:
+            value = ast.literal_eval(f.read())
+    except OSError as e:
+        raise ValueError(f"cannot read config file {path}: {e.strerror}") from None
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"config file {path} is not a plain dict literal: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"config file {path} must hold a dict, got {type(value).__name__}")
+    return value
+
+
+def configure(config, argv=None):
+    """Update `config` in place from config files and --key=value / --key value overrides.
+
+    Arguments are applied left to right: a bare path is a config file (see read_config_file),
+    `--key=value` or `--key value` sets one key. Unknown keys and wrong types are errors.
+    Returns config, for convenience.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    updates = []  # (key, raw value or parsed value, source)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith('--'):
+            if '=' in arg:
+                key, text = arg[2:].split('=', 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+                key, text = arg[2:], argv[i + 1]
+                i += 1
+            else:
+                raise ValueError(f"option {arg} needs a value: --key=value")
+            updates.append((key.replace('-', '_'), text, 'command line'))
+        else:
+            for key, value in read_config_file(arg).items():
+                updates.append((key, value, arg))
+        i += 1
+    for key, value, source in updates:
+        if key not in config:
+            known = ', '.join(sorted(config))
+            raise ValueError(f"unknown config key '{key}' (from {source}); known keys: {known}")
+        if source == 'command line':
+            config[key] = _parse_value(key, value, config[key])
+        else:
+            config[key] = _check_type(key, value, config[key])
+    return config
+
+
+# -----------------------------------------------------------------------------
+# weights I/O: safetensors only, strict, atomic
+
+def load_safetensors(path, device='cpu'):
+    """Read one .safetensors file; a truncated or corrupt file is an error naming it."""
+    try:
+        with safe_open(path, framework='pt', device=str(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read weights file {path}: {e}") from None
+
+
+def load_safetensors_dir(directory, stem):
+    """Read `stem.safetensors` or the shards listed in `stem.safetensors.index.json` in directory."""
+    single = os.path.join(directory, f'{stem}.safetensors')
+    index = single + '.index.json'
+    if os.path.exists(single):
+        return load_safetensors(single)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)['weight_map']
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(load_safetensors(os.path.join(directory, shard)))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise ValueError(f"{index} lists keys that no shard holds: {missing[:5]}")
+        return state
+    raise FileNotFoundError(f"no {stem}.safetensors or {stem}.safetensors.index.json in {directory}")
+
+
+def check_state_dict(expected, got, source):
+    """Strict comparison of two {name: tensor-or-shape} dicts; raises naming every bad key."""
+    shape = lambda t: tuple(t.shape) if hasattr(t, 'shape') else tuple(t)
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [f'{k}: expected {shape(expected[k])}, got {shape(got[k])}'
+             for k in sorted(set(expected) & set(got)) if shape(expected[k]) != shape(got[k])]
+    problems = []
+    for name, keys in (('missing keys', missing), ('unexpected keys', unexpected), ('wrong shapes', wrong)):
+        if keys:
+            more = f' (and {len(keys) - 10} more)' if len(keys) > 10 else ''
+            problems.append(f"{name}: {', '.join(keys[:10])}{more}")
+    if problems:
+        raise ValueError(f"cannot load {source}: " + '; '.join(problems))
+
+
+def load_state_dict_strict(module, state, source):
+    """module.load_state_dict with an error that names every missing, unexpected or mis-shaped key."""
+    check_state_dict(module.state_dict(), state, source)
+    module.load_state_dict(state, strict=True)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_safetensors(state, path, metadata=None):
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def save_json(obj, path):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
+# -----------------------------------------------------------------------------
+# attention: the one function every attention layer of both models calls
+
+def attention(q, k, v, causal=False, mask=None):
+    """Scaled dot-product attention.
+
+    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H a multiple of Hkv (grouped-query attention).
+    mask: optional bool tensor broadcastable to (B, H, Nq, Nk), True = may attend.
+    causal: query i attends to keys j <= i (Nq == Nk).
+    Returns (B, H, Nq, D). NANOUAE_ATTENTION=sdpa|triton forces a backend; the default is SDPA.
+    """
+    if k.shape[1] != q.shape[1]:
+        # SDPA's enable_gqa is not implemented by every backend; expanding views is cheap
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+
+
+# -----------------------------------------------------------------------------
+# device, precision and distributed setup
+
+def pick_device(name='auto'):
+    if name != 'auto':
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    return torch.device('cpu')
+
+
+def autocast(device, dtype):
+    """bf16/fp16 autocast on `device` when dtype says so; a no-op for 'float32'."""
+    if dtype == 'float32':
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
+
+
+def setup_distributed(device='auto'):
+    """Initialise torch.distributed when launched by torchrun (nccl on GPU, gloo on CPU).
+
+    Returns (rank, world_size, device). Without torchrun: (0, 1, picked device).
+    """
+    if 'RANK' not in os.environ:
+        return 0, 1, pick_device(device)
+    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    dev = pick_device(device)
+    if dev.type == 'cuda':
+        dev = torch.device('cuda', local_rank)
+        torch.cuda.set_device(dev)
+    torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    return rank, world, dev

@@ -1,0 +1,62 @@
+"""The config helper and the atomic writes every script relies on."""
+import os
+
+import pytest
+import torch
+
+from common import atomic_write, configure, load_safetensors, save_safetensors
+
+
+def defaults():
+    return dict(stage='g4u', steps=10, lr=3e-4, compile=False, out_dir='out', device=None)
+
+
+def test_overrides_are_parsed_and_typed():
+    c = configure(defaults(), ['--steps=20', '--lr', '1e-3', '--compile=True', '--stage', 'u4g'])
+    assert c == dict(stage='u4g', steps=20, lr=1e-3, compile=True, out_dir='out', device=None)
+    assert configure(defaults(), ['--lr=1'])['lr'] == 1.0 and isinstance(configure(defaults(), ['--lr=1'])['lr'], float)
+    assert configure(defaults(), ['--compile=false'])['compile'] is False
+
+
+def test_unknown_key_and_wrong_type_are_errors():
+    with pytest.raises(ValueError, match="unknown config key 'stpes'"):
+        configure(defaults(), ['--stpes=3'])
+    with pytest.raises(ValueError, match="'steps' expects int"):
+        configure(defaults(), ['--steps=ten'])
+    with pytest.raises(ValueError, match='needs a value'):
+        configure(defaults(), ['--steps'])
+
+
+def test_config_file_is_parsed_not_executed(tmp_path):
+    good = tmp_path / 'good.py'
+    good.write_text("# a comment\n{'steps': 7, 'out_dir': 'runs/x'}\n")
+    c = configure(defaults(), [str(good), '--steps=8'])  # later arguments win
+    assert c['steps'] == 8 and c['out_dir'] == 'runs/x'
+    evil = tmp_path / 'evil.py'
+    evil.write_text("__import__('os').remove('x')")
+    with pytest.raises(ValueError, match='not a plain dict literal'):
+        configure(defaults(), [str(evil)])
+    with pytest.raises(ValueError, match='cannot read config file'):
+        configure(defaults(), [str(tmp_path / 'missing.py')])
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / 'w.safetensors'
+    save_safetensors({'a': torch.ones(3)}, str(path))
+
+    def crash(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(b'partial')
+        raise RuntimeError('killed mid-write')
+    with pytest.raises(RuntimeError):
+        atomic_write(str(path), crash)
+    assert torch.equal(load_safetensors(str(path))['a'], torch.ones(3))
+    assert os.listdir(tmp_path) == ['w.safetensors']  # no temp file left behind
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    path = tmp_path / 'x.safetensors'
+    save_safetensors({'a': torch.randn(100)}, str(path))
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ValueError, match='x.safetensors'):
+        load_safetensors(str(path))
