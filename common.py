@@ -6,6 +6,7 @@ import ast
 import contextlib
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -173,8 +174,25 @@ def attention(q, k, v, causal=False, mask=None):
     q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D) with H a multiple of Hkv (grouped-query attention).
     mask: optional bool tensor broadcastable to (B, H, Nq, Nk), True = may attend.
     causal: query i attends to keys j <= i (Nq == Nk).
-    Returns (B, H, Nq, D). NANOUAE_ATTENTION=sdpa|triton forces a backend; the default is SDPA.
+    Returns (B, H, Nq, D).
+
+    The backend comes from the environment variable NANOUAE_ATTENTION:
+      auto (default): the Triton flash-attention kernels of kernels/attention.py for CUDA fp16/bf16
+        tensors without a mask and head dim <= 128; torch's SDPA for everything else;
+      sdpa: always SDPA;
+      triton: always the Triton kernels (masks too); on the CPU only under TRITON_INTERPRET=1.
     """
+    backend = os.environ.get('NANOUAE_ATTENTION', 'auto')
+    if backend not in ('auto', 'sdpa', 'triton'):
+        raise ValueError(f"NANOUAE_ATTENTION must be auto, sdpa or triton, got {backend!r}")
+    if backend == 'auto':
+        fits = (q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16)
+                and q.dtype == k.dtype == v.dtype and q.shape[-1] <= 128
+                and not (causal and q.shape[2] != k.shape[2]))
+        backend = 'triton' if fits else 'sdpa'
+    if backend == 'triton':
+        from kernels.attention import flash_attention  # imported here: importing common never needs triton
+        return flash_attention(q, k, v, causal=causal, mask=mask)
     if k.shape[1] != q.shape[1]:
         # SDPA's enable_gqa is not implemented by every backend; expanding views is cheap
         rep = q.shape[1] // k.shape[1]
@@ -216,3 +234,57 @@ def setup_distributed(device='auto'):
         torch.cuda.set_device(dev)
     torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     return rank, world, dev
+
+
+# -----------------------------------------------------------------------------
+# training checkpoints: a directory written whole or not at all
+
+def optimizer_to_files(osd):
+    """An optimizer state dict keyed by parameter names (torch.distributed.checkpoint.state_dict
+    gives one) -> (tensors for safetensors, JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for name, state in osd['state'].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f'{name}:{k}'] = v
+            else:
+                scalars[f'{name}:{k}'] = v
+    return tensors, dict(param_groups=osd['param_groups'], scalars=scalars)
+
+
+def optimizer_from_files(tensors, rest):
+    state = {}
+    for key, v in list(tensors.items()) + list(rest['scalars'].items()):
+        name, k = key.rsplit(':', 1)
+        state.setdefault(name, {})[k] = v
+    return dict(state=state, param_groups=rest['param_groups'])
+
+
+def save_checkpoint(directory, weights, meta):
+    """Write directory/<name>.safetensors for each {name: state_dict} of `weights` and meta.json,
+    into a temporary directory first, then swap it in: a crash leaves the previous checkpoint intact."""
+    tmp, old = directory + '.tmp', directory + '.old'
+    for d in (tmp, old):
+        if os.path.exists(d):
+            shutil.rmtree(d)
+    os.makedirs(tmp)
+    for name, state in weights.items():
+        save_safetensors(state, os.path.join(tmp, f'{name}.safetensors'))
+    save_json(meta, os.path.join(tmp, 'meta.json'))
+    if os.path.exists(directory):
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def load_checkpoint(directory):
+    """(weights {name: state_dict}, meta) of a directory written by save_checkpoint."""
+    path = os.path.join(directory, 'meta.json')
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'no checkpoint to resume in {directory} (meta.json missing)')
+    with open(path) as f:
+        meta = json.load(f)
+    weights = {os.path.basename(f)[:-len('.safetensors')]: load_safetensors(os.path.join(directory, f))
+               for f in sorted(os.listdir(directory)) if f.endswith('.safetensors')}
+    return weights, meta
