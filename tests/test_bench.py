@@ -1,0 +1,220 @@
+"""Unified-Bench (python bench.py): pairing as the official Score_i2i.py, the scores JSON, unmatched /
+unreadable / ignored files reported, a real embedder path (a random tiny CLIP, checked against
+transformers), and the resumable I2T2I run with random tiny UAE models."""
+import json
+import os
+import re
+import shlex
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from bench import bench_unibench, match_pairs
+from common import save_safetensors
+from data.shapes import world
+from model_decoder import MMDiT, MMDiTConfig
+from model_encoder import Encoder, EncoderConfig, Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def scene(seed):
+    return world.sample_scene(np.random.default_rng(seed))
+
+
+def recoloured(s):
+    """The same layout with every object in another colour: object F1 0 against s."""
+    colors = list(world.COLORS)
+    return dict(s, objects=[dict(o, color=colors[(colors.index(o['color']) + 1) % len(colors)]) for o in s['objects']])
+
+
+def save(s, path, **kwargs):
+    Image.fromarray(world.render(s)).save(path, **kwargs)
+
+
+def per_image(scores):
+    return {k: v for k, v in scores.items() if k not in ('average', 'min', 'max')}
+
+
+# -----------------------------------------------------------------------------
+# pairing
+
+def test_match_pairs_follows_the_official_rules_and_reports_the_rest():
+    generated = ['0.png', '1.jpg', '3.jpg', 'recon_0.png', 'recon_2.png', 'recon_3.png', 'x.png', 'a/recon_5.webp']
+    reference = ['0.png', '1.png', '2.png', '3.png', '9.png', 'a/5.png']
+    pairs, unmatched = match_pairs(generated, reference)
+    assert pairs == [('0.png', '0.png'),          # same name
+                     ('1.jpg', '1.png'),          # same stem, another extension
+                     ('3.jpg', '3.png'),
+                     ('recon_2.png', '2.png'),    # recon_ + the reference's stem
+                     ('a/recon_5.webp', 'a/5.png')]
+    assert set(unmatched['generated']) == {'recon_0.png', 'recon_3.png', 'x.png'}
+    assert 'already paired with 0.png' in unmatched['generated']['recon_0.png']  # scored once, not twice
+    assert 'already paired with 3.jpg' in unmatched['generated']['recon_3.png']
+    assert set(unmatched['reference']) == {'9.png'}
+    # the better rule wins whatever the order: the same name beats the same stem
+    pairs, unmatched = match_pairs(['0.jpg', '0.png'], ['0.png'])
+    assert pairs == [('0.png', '0.png')] and set(unmatched['generated']) == {'0.jpg'}
+
+
+# -----------------------------------------------------------------------------
+# scoring existing pairs
+
+@pytest.fixture
+def folders(tmp_path):
+    gen, ref = tmp_path / 'gen', tmp_path / 'ref'
+    gen.mkdir()
+    ref.mkdir()
+    scenes = [scene(i) for i in range(5)]
+    for i, s in enumerate(scenes):
+        save(s, ref / f'{i}.png')
+    (ref / 'scenes.jsonl').write_text(''.join(json.dumps({'scene': s}) + '\n' for s in scenes))
+    shutil.copy(ref / '0.png', gen / '0.png')                # same name, identical
+    save(scenes[1], gen / '1.jpg', quality=95)                 # same stem, another extension
+    save(recoloured(scenes[2]), gen / 'recon_2.png')          # recon_ prefix, every colour wrong
+    (gen / '3.png').write_bytes(b'not an image')               # unreadable
+    save(scenes[0], gen / 'extra.png')                         # no reference
+    (gen / 'notes.txt').write_text('not an image either')      # ignored
+    return gen, ref                                            # reference 4.png: no generated image
+
+
+def test_scoring_writes_the_schema_and_reports_every_file(folders, tmp_path, capsys):
+    gen, ref = folders
+    clip_dir, out = tmp_path / 'clip', tmp_path / 'out'
+    torch.manual_seed(0)
+    clip = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=16)).eval()
+    clip.save_pretrained(clip_dir)
+    processor = CLIPImageProcessorPil(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32})
+    processor.save_pretrained(clip_dir)
+    args = ['--generated', str(gen), '--reference', str(ref), f'--out_dir={out}', '--metrics=pixel,scene,clip',
+            f'--clip={clip_dir}', '--device=cpu']
+    res = bench_unibench(args)
+    assert json.loads((out / 'scores.json').read_text()) == res
+
+    metrics = ('pixel', 'scene', 'clip')
+    for m in metrics:
+        scores = per_image(res[m])
+        assert set(scores) == {'0.png', '1.jpg', 'recon_2.png'}  # keyed by the generated name, as the official
+        assert res[m]['average'] == pytest.approx(np.mean(list(scores.values())))
+        assert (res[m]['min'], res[m]['max']) == (min(scores.values()), max(scores.values()))
+    assert res['overall'] == pytest.approx(np.mean([res[m]['average'] for m in metrics]))
+    assert res['pairs'] == 3
+    assert res['pixel']['0.png'] == 1.0 and res['pixel']['recon_2.png'] < 0.99
+    assert res['scene']['0.png'] == 1.0 and res['scene']['recon_2.png'] == 0.0
+    assert str(ref / 'scenes.jsonl') in res['models']['scene']  # the ground truth was used, and it says so
+    # clip: cosine of transformers' projected features on the processor's pixels
+    with torch.no_grad():
+        for key, ref_name in (('0.png', '0.png'), ('1.jpg', '1.png'), ('recon_2.png', '2.png')):
+            a, b = (clip(**processor([Image.open(p).convert('RGB')], return_tensors='pt')).image_embeds
+                    for p in (gen / key, ref / ref_name))
+            assert res['clip'][key] == pytest.approx(F.cosine_similarity(a, b).item(), abs=1e-5)
+    assert res['models']['clip'] == str(clip_dir)
+    assert res['command'] == 'python bench.py ' + shlex.join(args)
+
+    assert set(res['unmatched']['generated']) == {'extra.png'}
+    assert set(res['unmatched']['reference']) == {'4.png'}
+    assert set(res['unreadable']) == {str(gen / '3.png')}
+    assert set(res['ignored']) == {str(gen / 'notes.txt'), str(ref / 'scenes.jsonl')}
+    screen = capsys.readouterr().out
+    for name in ('extra.png', '4.png', str(gen / '3.png'), 'notes.txt'):
+        assert name in screen
+
+    sheet = (out / 'contact_sheet.html').read_text()
+    sources = re.findall(r'<img src="([^"]+)"', sheet)
+    assert len(sources) == 6 and all((out / s).resolve().exists() for s in sources)
+
+
+def test_scene_metric_without_ground_truth_parses_the_reference(folders, tmp_path):
+    gen, ref = folders
+    os.remove(ref / 'scenes.jsonl')
+    res = bench_unibench(['--generated', str(gen), '--reference', str(ref), f'--out_dir={tmp_path / "out"}'])
+    assert [m for m in res if m in ('pixel', 'scene', 'clip')] == ['pixel', 'scene']  # the default: no weights
+    assert res['scene']['0.png'] == 1.0 and res['scene']['recon_2.png'] == 0.0
+    assert 'parse_image(reference) (3 images)' in res['models']['scene']
+
+
+@pytest.mark.parametrize('extra, error', [
+    (['--metrics=clip'], r'--clip=PATH'),
+    (['--metrics=pixel,lpips'], r'lpips'),
+    (['--metrics=pixel', '--reference=/nonexistent'], r'/nonexistent is not a directory'),
+])
+def test_bad_options_are_clear_errors(folders, tmp_path, extra, error):
+    gen, ref = folders
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        bench_unibench(['--generated', str(gen), '--reference', str(ref), f'--out_dir={tmp_path}', *extra])
+
+
+def test_usage_errors(tmp_path):
+    with pytest.raises(ValueError, match='--generated and --reference go together'):
+        bench_unibench(['--generated', str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match='--llm=/nonexistent'):  # the toy bench without toy checkpoints
+        bench_unibench(['--llm=/nonexistent'])
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / 'a' / 'x.png')
+    with pytest.raises(ValueError, match='no image pair'):
+        bench_unibench(['--generated', str(tmp_path / 'a'), '--reference', str(tmp_path / 'b'),
+                        f'--out_dir={tmp_path / "out"}'])
+
+
+# -----------------------------------------------------------------------------
+# I2T2I over a folder, with random tiny UAE models
+
+@pytest.fixture(scope='module')
+def tiny_uae(tmp_path_factory):
+    d = tmp_path_factory.mktemp('uae')
+    torch.manual_seed(0)
+    with open(os.path.join(REPO, 'config', 'toy_encoder.json')) as f:
+        cfg = json.load(f)
+    cfg['text_config']['vocab_size'] = 508  # the toy tokenizer's size: a random model samples only ids it decodes
+    Encoder(EncoderConfig.from_hf(cfg), Tokenizer.from_pretrained(os.path.join(REPO, 'data', 'shapes'))
+            ).save_pretrained(str(d / 'llm'))
+    with open(os.path.join(REPO, 'config', 'toy_decoder.json')) as f:
+        MMDiT(MMDiTConfig.from_dict(json.load(f))).save_pretrained(str(d / 'dit'))
+    save_safetensors({'pooled': torch.randn(64)}, str(d / 'pooled.safetensors'))
+    return [f'--llm={d / "llm"}', f'--dit={d / "dit"}', f'--pooled={d / "pooled.safetensors"}']
+
+
+def test_images_mode_saves_scores_and_resumes(tmp_path, tiny_uae):
+    images = tmp_path / 'images'
+    images.mkdir()
+    for i in range(3):
+        save(scene(i), images / f'{i}.png')
+    (images / 'broken.png').write_bytes(b'not an image')
+    out = images / 'bench'  # inside the input folder: its reconstructions must not become inputs
+    args = ['--images', str(images), f'--out_dir={out}', *tiny_uae, '--max_new_tokens=4', '--steps=2',
+            '--batch_size=2', '--device=cpu']
+    res = bench_unibench(args)
+    records = [json.loads(line) for line in (out / 'captions.jsonl').read_text().splitlines()]
+    assert [(r['image'], r['recon']) for r in records] == [(f'{i}.png', f'recon_{i}.png') for i in range(3)]
+    assert all(1 <= r['tokens'] <= 4 and isinstance(r['caption'], str) for r in records)
+    for i in range(3):
+        assert np.asarray(Image.open(out / f'recon_{i}.png')).shape == (48, 48, 3)
+    assert set(per_image(res['pixel'])) == set(per_image(res['scene'])) == {'0.png', '1.png', '2.png'}
+    assert set(res['unreadable']) == {str(images / 'broken.png')}
+    assert res['uae']['steps'] == 2 and res['caption_tokens'] == np.mean([r['tokens'] for r in records])
+    assert (out / 'contact_sheet.html').exists()
+
+    # a crash before the second batch (2.png, broken.png) was saved: only that batch is redone,
+    # with the same seed, so the reconstruction is the same as without the crash
+    first = (out / 'recon_2.png').read_bytes()
+    kept = {n: os.stat(out / n).st_mtime_ns for n in ('recon_0.png', 'recon_1.png')}
+    os.remove(out / 'recon_2.png')
+    (out / 'captions.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records[:2]))
+    again = bench_unibench(args)
+    assert {n: os.stat(out / n).st_mtime_ns for n in kept} == kept
+    assert (out / 'recon_2.png').read_bytes() == first
+    assert [json.loads(line) for line in (out / 'captions.jsonl').read_text().splitlines()] == records
+    assert again['pixel'] == res['pixel'] and again['scene'] == res['scene']
+
+    # other settings must not be mixed into the same folder
+    with pytest.raises(ValueError, match=r'steps: 2 there, 3 now'):
+        bench_unibench(args + ['--steps=3'])
