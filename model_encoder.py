@@ -1,0 +1,842 @@
+"""
+The encoder: Qwen2.5-VL (vision tower + Qwen2 LLM) with UAE's projector, its tokenizer (tiktoken),
+its image preprocessing and a KV-cache sampler.
+
+    enc = Encoder.from_pretrained('path/to/Qwen2.5-VL-or-UAE-llm')   # + enc.load_llm_lora('llm_lora')
+    batch = enc.caption_inputs([load_image('x.jpg')])                  # SPEC §2 captioning prompt
+    out = enc.generate(**batch, max_new_tokens=512, temperature=0.7)  # tokens, logprobs, mask
+    logp = enc.token_logprobs(batch, out.tokens, out.mask, 0.7)       # the same log-probs, differentiable
+    ctx = enc.embed_prompt(['a red circle', NEGATIVE_PROMPT])         # (2, L, 4096) for the decoder
+
+State-dict keys are exactly those of transformers' Qwen2_5_VLForConditionalGeneration
+(`model.visual.*`, `model.language_model.*`, `lm_head.*`) plus UAE's `projector.*`, so checkpoints
+load without renaming and our PEFT adapters load into transformers + peft.
+"""
+import glob
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import unicodedata
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.checkpoint import checkpoint
+
+from common import (attention, check_state_dict, load_safetensors, load_safetensors_dir,
+                    save_json, save_safetensors)
+from lora import apply_lora, base_state_dict, lora_layers, peft_to_ours
+
+# SPEC §2: the captioning prompt (user role, text then image) and the CFG negative prompt
+CAPTION_PROMPT = ('You are an expert vision-language model.  \nYour task is: Given an input image, generate a '
+                  '**textual description** of the image. If there is text in the image, transcribe it inside '
+                  'double quotes "".  \nNow, carefully analyze the input image and output the full description. ')
+NEGATIVE_PROMPT = 'Generate a random, low quality, ugly, blur, bad and anime, cartoon image.'
+# encoder LoRA (SPEC §2): every linear layer of the LLM; not the vision tower, lm_head or projector
+LORA_TARGETS = r'model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)'
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+# config.json names: top-level, text (top-level in old files, text_config in new ones), vision_config
+TEXT_KEYS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
+             'num_key_value_heads', 'rms_norm_eps', 'eos_token_id')
+VISION_KEYS = dict(vision_depth='depth', vision_hidden_size='hidden_size', vision_num_heads='num_heads',
+                   vision_intermediate_size='intermediate_size', patch_size='patch_size', window_size='window_size',
+                   temporal_patch_size='temporal_patch_size', spatial_merge_size='spatial_merge_size',
+                   fullatt_block_indexes='fullatt_block_indexes', in_channels='in_channels')
+TOP_KEYS = ('tie_word_embeddings', 'image_token_id', 'vision_start_token_id', 'vision_end_token_id',
+            'projector_hidden_size', 'projector_out_size')
+
+
+@dataclass
+class EncoderConfig:
+    """Defaults are Qwen2.5-VL-3B."""
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    mrope_section: list = field(default_factory=lambda: [16, 24, 24])  # (time, row, column) bands, sum = head_dim/2
+    tie_word_embeddings: bool = True
+    vision_depth: int = 32
+    vision_hidden_size: int = 1280
+    vision_intermediate_size: int = 3420
+    vision_num_heads: int = 16
+    vision_rope_theta: float = 10000.0
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112  # pixels
+    fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])
+    in_channels: int = 3
+    image_token_id: int = 151655
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    eos_token_id: int | list = 151645
+    projector_hidden_size: int | None = None  # UAE: Linear(hidden, 8192) -> GELU -> Linear(8192, 4096)
+    projector_out_size: int | None = None
+
+    @classmethod
+    def from_hf(cls, cfg, source='config.json'):
+        """transformers' config.json, old (flat, rope_scaling) or new (text_config, rope_parameters) layout."""
+        text, vis = cfg.get('text_config') or {}, dict(cfg.get('vision_config') or {})
+        get = lambda k: text.get(k, cfg.get(k))
+        if 'in_chans' in vis:  # older name
+            vis['in_channels'] = vis['in_chans']
+        kw = {k: get(k) for k in TEXT_KEYS if get(k) is not None}
+        kw.update({k: vis[v] for k, v in VISION_KEYS.items() if v in vis})
+        kw.update({k: cfg[k] for k in TOP_KEYS if cfg.get(k) is not None})
+        kw['tie_word_embeddings'] = bool(cfg.get('tie_word_embeddings') or text.get('tie_word_embeddings'))
+        rope = get('rope_parameters') or get('rope_scaling') or {}
+        kw['rope_theta'] = rope.get('rope_theta', get('rope_theta') or 1e6)
+        kw['mrope_section'] = list(rope.get('mrope_section', [16, 24, 24]))
+        kw['vision_rope_theta'] = (vis.get('rope_parameters') or {}).get('rope_theta', 10000.0)
+        c = cls(**kw)
+        problems = [f'{name} hidden_act {act!r} (only silu)' for name, act in
+                    (('text', get('hidden_act') or 'silu'), ('vision', vis.get('hidden_act', 'silu'))) if act != 'silu']
+        if vis.get('out_hidden_size', c.hidden_size) != c.hidden_size:
+            problems.append(f"vision out_hidden_size {vis['out_hidden_size']} != hidden_size {c.hidden_size}")
+        if sum(c.mrope_section) * 2 != c.hidden_size // c.num_attention_heads:
+            problems.append(f'mrope_section {c.mrope_section} does not sum to head_dim / 2')
+        if problems:
+            raise ValueError(f'{source}: ' + '; '.join(problems))
+        return c
+
+    def to_hf(self):
+        """config.json in current transformers' layout (it loads as Qwen2_5_VLConfig; projector sizes are extra)."""
+        text = dict({k: getattr(self, k) for k in TEXT_KEYS}, model_type='qwen2_5_vl_text', hidden_act='silu',
+                    rope_parameters=dict(rope_type='default', rope_theta=self.rope_theta,
+                                         mrope_section=list(self.mrope_section)))
+        vision = dict({v: getattr(self, k) for k, v in VISION_KEYS.items()}, model_type='qwen2_5_vl_vision',
+                      out_hidden_size=self.hidden_size, hidden_act='silu',
+                      rope_parameters=dict(rope_type='axial', rope_theta=self.vision_rope_theta))
+        return dict({k: getattr(self, k) for k in TOP_KEYS}, architectures=['Qwen2_5_VLForConditionalGeneration'],
+                    model_type='qwen2_5_vl', text_config=text, vision_config=vision)
+
+
+# -----------------------------------------------------------------------------
+# layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):  # normalise in fp32, scale in the input dtype (as Qwen does)
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class MLP(nn.Module):  # SwiGLU
+    def __init__(self, dim, hidden, bias):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def pack_groups(group):
+    """Token indices of each group, padded with -1: (groups, longest). Group ids are 0..S-1, none empty."""
+    counts = torch.bincount(group)
+    order = torch.argsort(group, stable=True)
+    slot = torch.arange(len(group)) - (counts.cumsum(0) - counts)[group[order]]
+    idx = torch.full((len(counts), int(counts.max())), -1, dtype=torch.long)
+    idx[group[order], slot] = order
+    return idx
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin, groups):
+        """x: (N, D) packed patches of all images; groups: (idx, valid) from pack_groups, one row per
+        attention window (or per image in full-attention layers)."""
+        idx, valid = groups
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.heads, -1).unbind(1)  # (N, H, hd) each
+        q, k = ((t.float() * cos + rotate_half(t.float()) * sin).to(t.dtype) for t in (q, k))
+        q, k, v = (t[idx.clamp(min=0)].transpose(1, 2) for t in (q, k, v))  # (S, H, L, hd)
+        mask = None if bool(valid.all()) else valid[:, None, None, :]
+        o = attention(q, k, v, mask=mask).transpose(1, 2)[valid]  # (N, H, hd), in idx order
+        out = torch.empty_like(o)
+        out[idx[valid]] = o
+        return self.proj(out.flatten(1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm1 = RMSNorm(c.vision_hidden_size)
+        self.attn = VisionAttention(c.vision_hidden_size, c.vision_num_heads)
+        self.norm2 = RMSNorm(c.vision_hidden_size)
+        self.mlp = MLP(c.vision_hidden_size, c.vision_intermediate_size, bias=True)
+
+    def forward(self, x, cos, sin, groups):
+        x = x + self.attn(self.norm1(x), cos, sin, groups)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        p, d = c.patch_size, c.vision_hidden_size
+        kernel = (c.temporal_patch_size, p, p)
+        self.patch_embed = nn.Module()  # a Conv3d with stride = kernel: run as a Linear over flattened patches
+        self.patch_embed.proj = nn.Conv3d(c.in_channels, d, kernel, kernel, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.vision_depth))
+        self.merger = nn.Module()  # 2x2 neighbouring patches -> one LLM token
+        self.merger.ln_q = RMSNorm(d)
+        md = d * c.spatial_merge_size ** 2
+        self.merger.mlp = nn.Sequential(nn.Linear(md, md), nn.GELU(), nn.Linear(md, c.hidden_size))
+        self.grad_checkpointing = False
+
+    def rotary(self, grid_thw, device):
+        """2D rotary: half of each head's frequencies rotate with the patch row, half with its column."""
+        m, hd = self.c.spatial_merge_size, self.c.vision_hidden_size // self.c.vision_num_heads
+        pos = []
+        for t, h, w in grid_thw.tolist():  # patches come in merge-block order: (h/m, w/m, m, m)
+            hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+            hw = torch.stack([hh, ww], -1).view(h // m, m, w // m, m, 2).transpose(1, 2).reshape(-1, 2)
+            pos.append(hw.repeat(t, 1))
+        pos = torch.cat(pos).to(device).float()  # (N, 2)
+        inv_freq = self.c.vision_rope_theta ** (-torch.arange(0, hd // 2, 2, device=device).float() / (hd // 2))
+        freqs = (pos[:, :, None] * inv_freq).flatten(1)  # (N, hd/2): [row freqs, column freqs]
+        emb = torch.cat([freqs, freqs], -1)[:, None, :]  # (N, 1, hd)
+        return emb.cos(), emb.sin()
+
+    def attention_groups(self, grid_thw, device):
+        """(image groups, window groups): windows are window_size px squares of merged tokens."""
+        m, ws = self.c.spatial_merge_size, self.c.window_size // self.c.spatial_merge_size // self.c.patch_size
+        images, windows, offset = [], [], 0
+        for i, (t, h, w) in enumerate(grid_thw.tolist()):
+            tt, hh, ww = torch.meshgrid(*map(torch.arange, (t, h // m, w // m)), indexing='ij')
+            nh, nw = math.ceil(h // m / ws), math.ceil(w // m / ws)
+            win = (tt * nh + hh // ws) * nw + ww // ws  # window of each merged token
+            windows.append(win.flatten().repeat_interleave(m * m) + offset)
+            images.append(torch.full((t * h * w,), i))
+            offset += t * nh * nw
+        packed = (pack_groups(torch.cat(images)), pack_groups(torch.cat(windows)))
+        return [(idx.to(device), (idx >= 0).to(device)) for idx in packed]
+
+    def forward(self, pixel_values, grid_thw):
+        """pixel_values: (N, C*T*P*P) from preprocess_image; grid_thw: (images, 3). Returns (N / m², hidden)."""
+        w = self.patch_embed.proj.weight
+        x = F.linear(pixel_values.to(w.dtype), w.flatten(1))
+        cos, sin = self.rotary(grid_thw, x.device)
+        full, windowed = self.attention_groups(grid_thw, x.device)
+        for i, block in enumerate(self.blocks):
+            groups = full if i in self.c.fullatt_block_indexes else windowed
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, groups, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, groups)
+        return self.merger.mlp(self.merger.ln_q(x).view(-1, self.merger.mlp[0].in_features))
+
+
+class KVCache:
+    """Preallocated keys/values per layer, (B, Hkv, max_len, hd), allocated at the first write (in its dtype)."""
+    def __init__(self, n_layers, max_len):
+        self.k, self.v, self.max_len = [None] * n_layers, [None] * n_layers, max_len
+
+    def update(self, i, k, v, pos):
+        if self.k[i] is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[3])
+            self.k[i], self.v[i] = k.new_zeros(shape), v.new_zeros(shape)
+        self.k[i][:, :, pos:pos + k.shape[2]] = k
+        self.v[i][:, :, pos:pos + k.shape[2]] = v
+        return self.k[i][:, :, :pos + k.shape[2]], self.v[i][:, :, :pos + k.shape[2]]
+
+
+class Attention(nn.Module):  # GQA with qkv bias
+    def __init__(self, c, layer):
+        super().__init__()
+        self.layer, self.hd = layer, c.hidden_size // c.num_attention_heads
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * self.hd)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * self.hd)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * self.hd)
+        self.o_proj = nn.Linear(c.num_attention_heads * self.hd, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, causal, cache, pos):
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, -1, self.hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, pos)
+        if L == 1 and k.shape[1] < q.shape[1]:  # decoding: the query heads sharing a kv head become query rows
+            o = attention(q.reshape(B, k.shape[1], -1, self.hd), k, v, mask=mask).reshape(B, -1, 1, self.hd)
+        else:
+            o = attention(q, k, v, causal=causal, mask=mask)
+        return self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c, layer):
+        super().__init__()
+        self.self_attn = Attention(c, layer)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, bias=False)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, causal, cache, pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LanguageModel(nn.Module):  # Qwen2 with M-RoPE
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.grad_checkpointing = False
+
+    def rotary(self, positions, dtype):
+        """M-RoPE: positions (3, B, L) = (time, row, column); band i of mrope_section uses axis i % 3."""
+        hd = self.c.hidden_size // self.c.num_attention_heads
+        inv_freq = self.c.rope_theta ** (-torch.arange(0, hd, 2, device=positions.device).float() / hd)
+        axis = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(self.c.mrope_section)])
+        freqs = positions[axis.to(positions.device)].permute(1, 2, 0).float() * inv_freq  # (B, L, hd/2)
+        emb = torch.cat([freqs, freqs], -1)[:, None]  # (B, 1, L, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, x, positions, key_valid=None, cache=None, pos=0, rope=None):
+        """x: (B, L, D) embeddings; key_valid: (B, pos + L) bool or None (all valid); rope: precomputed
+        rotary(positions). Returns the hidden states after the final norm."""
+        B, L, _ = x.shape
+        mask, causal = None, L > 1 and pos == 0
+        if key_valid is not None and not bool(key_valid.all()):
+            q_pos = torch.arange(pos, pos + L, device=x.device)[:, None]
+            k_pos = torch.arange(pos + L, device=x.device)
+            mask = (k_pos <= q_pos) & key_valid[:, None, :pos + L]  # (B, L, K)
+            # a padding query with no valid key (left padding) attends to itself: avoids NaN, output unused
+            mask = (mask | (~mask.any(-1, keepdim=True) & (k_pos == q_pos)))[:, None]
+            causal = False
+        elif L > 1 and pos > 0:
+            mask = (torch.arange(pos + L, device=x.device) <= torch.arange(pos, pos + L, device=x.device)[:, None])
+            causal = False
+        cos, sin = rope or self.rotary(positions, x.dtype)
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, causal, cache, pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, causal, cache, pos)
+        return self.norm(x)
+
+
+class Generation(NamedTuple):
+    tokens: torch.Tensor    # (B, T) sampled ids; pad after a row's EOS
+    logprobs: torch.Tensor  # (B, T) log_softmax(logits / temperature) at the sampled tokens; 0 where not mask
+    mask: torch.Tensor      # (B, T) True for generated tokens (EOS included)
+
+
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None):
+    """Next tokens (B,) and their log-probs under logits / temperature (what the policy gradient needs:
+    top-k / top-p only restrict the choice). temperature 0 means greedy with log-probs at temperature 1."""
+    if temperature == 0:
+        greedy, temperature = True, 1.0
+    logits = logits.float() / temperature
+    logprobs = F.log_softmax(logits, -1)
+    if greedy:
+        tokens = logits.argmax(-1)
+    else:
+        if top_k > 0:  # same order as transformers: temperature, top-k, top-p
+            kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if top_p < 1.0:
+            sorted_logits, order = logits.sort(-1)
+            drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[:, -1] = False  # keep at least the most likely token
+            logits = logits.masked_fill(drop.scatter(1, order, drop), -math.inf)
+        # inverse CDF: one uniform per row (torch.multinomial draws far more random numbers on the CPU)
+        cdf = logits.softmax(-1).double().cumsum(-1)
+        u = torch.rand(len(cdf), 1, generator=generator, dtype=cdf.dtype,
+                       device=generator.device if generator is not None else cdf.device) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config, tokenizer=None):
+        super().__init__()
+        self.config, self.tokenizer = config, tokenizer
+        self.model = nn.Module()
+        self.model.visual = VisionTower(config)
+        self.model.language_model = LanguageModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        self.projector = None
+        if config.projector_hidden_size:
+            self.projector = nn.Sequential(nn.Linear(config.hidden_size, config.projector_hidden_size), nn.GELU(),
+                                           nn.Linear(config.projector_hidden_size, config.projector_out_size))
+        self.min_pixels, self.max_pixels = 3136, 65536  # SPEC §2; preprocessor_config.json overrides
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # transformers' init, N(0, 0.02) and zero biases: matters when training from scratch
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, 'bias', None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def rope_positions(self, input_ids, attention_mask, image_grid_thw):
+        """M-RoPE position ids (3, B, L) and each row's next text position (B,).
+
+        Text tokens count up on all three axes; an image's tokens get (start, start + row, start + column)
+        and the text after it resumes at start + max(rows, columns). Padding gets position 1 (as in the
+        transformers versions UAE ran on; it only matters for the padded positions' own outputs)."""
+        B, L = input_ids.shape
+        m, img = self.config.spatial_merge_size, self.config.image_token_id
+        pos = torch.ones(3, B, L, dtype=torch.long)
+        nxt = torch.zeros(B, dtype=torch.long)
+        grids = iter([] if image_grid_thw is None else image_grid_thw.tolist())
+        ids_all, valid_all = input_ids.cpu(), attention_mask.cpu().bool()
+        for b in range(B):
+            ids, chunks, cur = ids_all[b, valid_all[b]].tolist(), [], 0
+            for is_image, run in itertools.groupby(ids, key=lambda t: t == img):
+                n = len(list(run))
+                while is_image and n > 0:  # one run may hold several adjacent images
+                    t, h, w = next(grids, (0, 0, 0))
+                    h, w = h // m, w // m
+                    if not 0 < t * h * w <= n:
+                        raise ValueError('image tokens in input_ids do not match image_grid_thw')
+                    grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing='ij')
+                    chunks.append(torch.stack(grid).reshape(3, -1) + cur)
+                    cur, n = cur + max(h, w), n - t * h * w
+                if not is_image:
+                    chunks.append(torch.arange(cur, cur + n).expand(3, n))
+                    cur += n
+            if chunks:
+                p = torch.cat(chunks, 1)
+                pos[:, b, valid_all[b]] = p
+                nxt[b] = p.max() + 1
+        if next(grids, None) is not None:
+            raise ValueError('image_grid_thw has more images than input_ids has image tokens')
+        return pos.to(input_ids.device), nxt.to(input_ids.device)
+
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, cache=None):
+        """Last-layer hidden states after the final RMSNorm (B, L, hidden), and each row's next position."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        x = self.model.language_model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            feats = self.model.visual(pixel_values, image_grid_thw)
+            slots = input_ids == self.config.image_token_id
+            if int(slots.sum()) != feats.shape[0]:
+                raise ValueError(f'{int(slots.sum())} image tokens in input_ids, {feats.shape[0]} image features')
+            x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
+        positions, nxt = self.rope_positions(input_ids, attention_mask, image_grid_thw)
+        return self.model.language_model(x, positions, attention_mask.bool(), cache), nxt
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, num_logits=None):
+        """Logits (B, L, vocab), or of the last num_logits positions only (memory: the vocabulary is large)."""
+        h, _ = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw)
+        return self.lm_head(h if num_logits is None else h[:, -num_logits:])
+
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, max_new_tokens=64,
+                 temperature=1.0, top_k=0, top_p=1.0, greedy=False, eos_token_id=None, pad_token_id=None,
+                 generator=None):
+        """Batched sampling with a preallocated KV cache; prompts may be padded on either side. Returns a
+        Generation; its log-probs are those of the sampled tokens under logits / temperature (see sample_logits)."""
+        with torch.inference_mode():  # cheaper than no_grad per op; the clones below are ordinary tensors again
+            out = self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
+                                 temperature, top_k, top_p, greedy, eos_token_id, pad_token_id, generator)
+        return Generation(*(t.clone() for t in out))
+
+    def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
+                  temperature, top_k, top_p, greedy, eos_token_id, pad_token_id, generator):
+        B, L0 = input_ids.shape
+        eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+        eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=input_ids.device)
+        pad = pad_token_id if pad_token_id is not None else (self.tokenizer.pad_token_id if self.tokenizer else 0)
+        valid = torch.ones(B, L0 + max_new_tokens, dtype=torch.bool, device=input_ids.device)
+        if attention_mask is not None:
+            valid[:, :L0] = attention_mask.bool()
+        cache = KVCache(self.config.num_hidden_layers, L0 + max_new_tokens)
+        h, nxt = self.hidden_states(input_ids, valid[:, :L0], pixel_values, image_grid_thw, cache)
+        last = valid[:, :L0].long().cumsum(1).argmax(1)  # last real prompt token of each row
+        logits = self.lm_head(h[torch.arange(B), last])
+        tokens, logprobs, masks = [], [], []
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        key_valid = None if bool(valid.all()) else valid
+        lm = self.model.language_model
+        steps = torch.arange(max_new_tokens, device=input_ids.device)  # rotary of every decoding step at once
+        cos, sin = lm.rotary((nxt[:, None] + steps).expand(3, B, -1), h.dtype)
+        for step in range(max_new_tokens):
+            tok, lp = sample_logits(logits, temperature, top_k, top_p, greedy, generator)
+            tokens.append(tok.masked_fill(finished, pad))
+            logprobs.append(lp.masked_fill(finished, 0.0))
+            masks.append(~finished)
+            finished = finished | (tok[:, None] == eos).any(1)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            rope = cos[:, :, step:step + 1], sin[:, :, step:step + 1]
+            h = lm(lm.embed_tokens(tokens[-1][:, None]), None, key_valid, cache, L0 + step, rope)
+            logits = self.lm_head(h[:, -1])
+        return Generation(torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(masks, 1))
+
+    # --- UAE --------------------------------------------------------------------------------------
+
+    def prompt_hidden(self, texts, tokenizer=None):
+        """Last-layer hidden states (B, L, hidden) of every token of the `generate` chat template (SPEC §2),
+        as the official code pads them: on the right with the pad token, attention mask = ids != pad."""
+        tok = tokenizer or self.tokenizer
+        seqs = [tok.chat_ids(t, role='generate') for t in texts]
+        ids = torch.full((len(seqs), max(map(len, seqs))), tok.pad_token_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+        ids = ids.to(self.lm_head.weight.device)
+        return self.hidden_states(ids, ids != tok.pad_token_id)[0]
+
+    def embed_prompt(self, texts, tokenizer=None):
+        """The decoder's context: projector(prompt_hidden(texts)), (B, L, projector_out_size)."""
+        if self.projector is None:
+            raise ValueError('this encoder has no projector (projector_hidden_size is not set)')
+        return self.projector(self.prompt_hidden(texts, tokenizer))
+
+    def caption_inputs(self, images, tokenizer=None):
+        """Left-padded captioning prompts (SPEC §2, one image each) for generate() and token_logprobs()."""
+        tok, c = tokenizer or self.tokenizer, self.config
+        pixels, grids, seqs = [], [], []
+        for image in images:
+            pv, grid = preprocess_image(image, self.min_pixels, self.max_pixels, c.patch_size,
+                                        c.spatial_merge_size, c.temporal_patch_size)
+            pixels.append(pv)
+            grids.append(grid)
+            seqs.append(tok.chat_ids(CAPTION_PROMPT, 'user', int(grid.prod()) // c.spatial_merge_size ** 2))
+        L, lengths = max(map(len, seqs)), torch.tensor([len(s) for s in seqs])
+        ids = torch.tensor([[tok.pad_token_id] * (L - len(s)) + s for s in seqs])
+        batch = dict(input_ids=ids, attention_mask=torch.arange(L) >= (L - lengths)[:, None],
+                     pixel_values=torch.cat(pixels), image_grid_thw=torch.cat(grids))
+        return {k: v.to(self.lm_head.weight.device) for k, v in batch.items()}
+
+    def caption_tokens(self, captions, tokenizer=None):
+        """Target ids of captions, each followed by <|im_end|>, right-padded: (tokens (B, T), mask (B, T))."""
+        tok = tokenizer or self.tokenizer
+        seqs = [tok.encode(c) + [tok.added['<|im_end|>']] for c in captions]
+        tokens = torch.full((len(seqs), max(map(len, seqs))), tok.pad_token_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, :len(s)] = torch.tensor(s)
+        mask = torch.arange(tokens.shape[1]) < torch.tensor([len(s) for s in seqs])[:, None]
+        return tokens.to(self.lm_head.weight.device), mask.to(self.lm_head.weight.device)
+
+    def token_logprobs(self, batch, tokens, mask, temperature=1.0):
+        """log p(tokens | prompt batch) under logits / temperature, (B, T), 0 where mask is False: the
+        policy's log-probs for GRPO (equal to generate()'s for the tokens it sampled) and the SFT likelihood."""
+        ids = torch.cat([batch['input_ids'], tokens], 1)
+        attention_mask = torch.cat([batch['attention_mask'].bool(), mask.bool()], 1)
+        T = tokens.shape[1]
+        logits = self(ids, attention_mask, batch.get('pixel_values'), batch.get('image_grid_thw'), num_logits=T + 1)
+        logits = logits[:, :-1].float() / temperature  # position t predicts token t + 1
+        logp = logits.gather(-1, tokens[..., None])[..., 0] - logits.logsumexp(-1)
+        return logp.masked_fill(~mask.bool(), 0.0)
+
+    def add_lora(self, r=32, alpha=64, init='gaussian'):
+        return apply_lora(self, LORA_TARGETS, r, alpha, init)
+
+    # --- checkpoints --------------------------------------------------------------------------------
+
+    @staticmethod
+    def canonical_key(key):
+        """Checkpoint key -> ours: strip PEFT wrapping (anywhere: UAE wraps `model`), old layout -> new."""
+        key = peft_to_ours(key.replace('base_model.model.', ''))
+        if key.startswith('visual.'):
+            return 'model.' + key
+        if key.startswith('model.') and not key.startswith(('model.visual.', 'model.language_model.')):
+            return 'model.language_model.' + key[len('model.'):]
+        return key
+
+    def load_weights(self, state, source):
+        """Strictly load a full state dict (any key layout); every bad key is named."""
+        state = {self.canonical_key(k): v for k, v in state.items()}
+        embed = 'model.language_model.embed_tokens.weight'
+        if self.config.tie_word_embeddings and embed in state:
+            # tied: a saved lm_head (a PyTorch state_dict keeps both names) must be the embedding itself
+            if 'lm_head.weight' in state and not torch.equal(state['lm_head.weight'], state[embed]):
+                raise ValueError(f'cannot load {source}: tie_word_embeddings is set but lm_head.weight differs')
+            state['lm_head.weight'] = state[embed]
+        check_state_dict(self.state_dict(), state, source)
+        self.load_state_dict(state, strict=True)
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype=torch.float32, device='cpu'):
+        path = os.path.join(directory, 'config.json')
+        if not os.path.exists(path):
+            raise FileNotFoundError(f'no config.json in {directory}')
+        with open(path) as f:
+            config = EncoderConfig.from_hf(json.load(f), path)
+        state = load_safetensors_dir(directory, 'model')
+        if 'projector.0.weight' in state and 'projector.2.weight' in state:  # UAE `llm`: sizes from the weights
+            config.projector_hidden_size = state['projector.0.weight'].shape[0]
+            config.projector_out_size = state['projector.2.weight'].shape[0]
+        with torch.device('meta'):  # no random init of weights that are loaded next
+            model = cls(config).to(dtype)
+        model = model.to_empty(device=device)
+        model.load_weights(state, directory)
+        if any(os.path.exists(os.path.join(directory, f)) for f in ('tokenizer.json', 'vocab.json')):
+            model.tokenizer = Tokenizer.from_pretrained(directory)
+        pre = os.path.join(directory, 'preprocessor_config.json')
+        if os.path.exists(pre):
+            with open(pre) as f:
+                p = json.load(f)
+            size = p.get('size') or {}
+            model.min_pixels = p.get('min_pixels', size.get('shortest_edge', model.min_pixels))
+            model.max_pixels = p.get('max_pixels', size.get('longest_edge', model.max_pixels))
+        return model
+
+    def load_llm_lora(self, directory, alpha=64):
+        """UAE's `llm_lora`: safetensors shards of a *full* state dict with PEFT-wrapped names
+        (`model.base_model.model.…base_layer / lora_A.default …`). Alpha is not stored in a state dict:
+        UAE used r=32, alpha=64. LoRA goes on exactly the layers that have lora_A keys; loading is strict."""
+        index = glob.glob(os.path.join(directory, '*.safetensors.index.json'))
+        if index:
+            state = load_safetensors_dir(directory, os.path.basename(index[0])[:-len('.safetensors.index.json')])
+        else:
+            files = sorted(glob.glob(os.path.join(directory, '*.safetensors')))
+            if not files:
+                raise FileNotFoundError(f'no .safetensors files in {directory}')
+            state = {k: v for f in files for k, v in load_safetensors(f).items()}
+        ours = {self.canonical_key(k): v for k, v in state.items()}
+        ranks = {k[:-len('.lora_A.weight')]: v.shape[0] for k, v in ours.items() if k.endswith('.lora_A.weight')}
+        if not ranks:
+            raise ValueError(f'{directory} holds no lora_A weights')
+        if not lora_layers(self):
+            r = max(ranks.values())
+            apply_lora(self, sorted(ranks), r, alpha,
+                       rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r})
+        self.load_weights(state, directory)
+
+    def save_pretrained(self, directory):
+        """config.json + model.safetensors that this class and transformers both load (LoRA: lora.save_peft)."""
+        os.makedirs(directory, exist_ok=True)
+        state = base_state_dict(self)
+        if self.config.tie_word_embeddings:
+            state.pop('lm_head.weight')
+        save_safetensors(state, os.path.join(directory, 'model.safetensors'), metadata={'format': 'pt'})
+        save_json(self.config.to_hf(), os.path.join(directory, 'config.json'))
+        c = self.config
+        save_json(dict(image_processor_type='Qwen2VLImageProcessor', min_pixels=self.min_pixels,
+                       max_pixels=self.max_pixels, patch_size=c.patch_size, merge_size=c.spatial_merge_size,
+                       temporal_patch_size=c.temporal_patch_size, image_mean=CLIP_MEAN, image_std=CLIP_STD),
+                  os.path.join(directory, 'preprocessor_config.json'))
+        for f in (self.tokenizer.files if self.tokenizer else []):
+            if os.path.abspath(os.path.dirname(f)) != os.path.abspath(directory):
+                shutil.copy(f, directory)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer: Hugging Face byte-level BPE files run by tiktoken
+
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for chr(256 + n)
+_PRINTABLE = [*range(33, 127), *range(161, 173), *range(174, 256)]
+BYTE_CHARS = {b: chr(b) for b in _PRINTABLE} | {b: chr(256 + n) for n, b in
+                                                enumerate(b for b in range(256) if b not in _PRINTABLE)}
+CHAR_BYTES = {c: b for b, c in BYTE_CHARS.items()}
+
+
+class Tokenizer:
+    """Exactly the ids of the Hugging Face tokenizer for the same files.
+
+    tiktoken merges the adjacent pair whose *merged bytes* have the lowest rank; Hugging Face merges the
+    pair listed first in `merges`. So ranks come from the merge order (a token's rank = the index of the
+    first merge making it; single bytes below), not from vocabulary ids, and tiktoken's ranks are mapped
+    back to ids. Added/special tokens are split off first (longest match), the rest is NFC-normalised."""
+
+    def __init__(self, vocab, merges, added, pattern, nfc, pad_token=None, files=(), source='tokenizer'):
+        as_bytes = lambda token: bytes(CHAR_BYTES[ch] for ch in token)
+        missing = [b for b in range(256) if BYTE_CHARS[b] not in vocab]
+        if missing:
+            raise ValueError(f'{source}: the vocabulary lacks {len(missing)} of the 256 byte tokens')
+        ranks = {bytes([b]): b for b in range(256)}
+        rank_to_id = [vocab[BYTE_CHARS[b]] for b in range(256)] + [-1] * len(merges)
+        for i, (a, b) in enumerate(merges):
+            if a + b not in vocab:
+                raise ValueError(f'{source}: merge {a!r} {b!r} makes a token that is not in the vocabulary')
+            if as_bytes(a + b) not in ranks:
+                ranks[as_bytes(a + b)], rank_to_id[256 + i] = 256 + i, vocab[a + b]
+        self.bpe = tiktoken.Encoding('hf-bpe', pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+        self.rank_to_id = np.array(rank_to_id, dtype=np.int64)
+        self.id_to_bytes = {i: as_bytes(token) for token, i in vocab.items()}
+        self.added = {t['content']: t['id'] for t in added}
+        self.id_to_added = {i: token for token, i in self.added.items()}
+        self.special_ids = {t['id'] for t in added if t.get('special')}
+        longest_first = sorted(self.added, key=len, reverse=True)
+        self.added_re = re.compile('|'.join(map(re.escape, longest_first))) if added else None
+        self.nfc, self.files = nfc, list(files)
+        self.pad_token_id = self.added.get(pad_token, vocab.get(pad_token))
+        self.vocab_size = max([*vocab.values(), *self.added.values()]) + 1
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        path = lambda name: os.path.join(directory, name)
+        cfg = _read_json(path('tokenizer_config.json')) if os.path.exists(path('tokenizer_config.json')) else {}
+        files = [path(f) for f in ('tokenizer.json', 'tokenizer_config.json') if os.path.exists(path(f))]
+        if os.path.exists(path('tokenizer.json')):
+            j = _read_json(path('tokenizer.json'))
+            model, pre, norm = j.get('model') or {}, j.get('pre_tokenizer') or {}, j.get('normalizer')
+            if model.get('type') != 'BPE' or any(model.get(k) for k in (
+                    'byte_fallback', 'ignore_merges', 'continuing_subword_prefix', 'end_of_word_suffix', 'dropout')):
+                raise ValueError(f"{path('tokenizer.json')}: only plain byte-level BPE is supported")
+            steps = pre.get('pretokenizers', [])
+            if pre.get('type') == 'ByteLevel' and pre.get('use_regex', True):
+                pattern = GPT2_PATTERN
+            elif ([p['type'] for p in steps] == ['Split', 'ByteLevel'] and steps[0]['behavior'] == 'Isolated'
+                  and not steps[0]['invert'] and not steps[1].get('use_regex', True)):
+                pattern = steps[0]['pattern']['Regex']
+            else:
+                raise ValueError(f"{path('tokenizer.json')}: pre_tokenizer is neither Qwen2's nor GPT-2's")
+            if norm not in (None, {'type': 'NFC'}):
+                raise ValueError(f"{path('tokenizer.json')}: unsupported normalizer {norm} (only NFC)")
+            vocab, added, nfc = model['vocab'], j.get('added_tokens', []), norm is not None
+            merges = [tuple(m.split(' ')) if isinstance(m, str) else tuple(m) for m in model['merges']]
+        elif os.path.exists(path('vocab.json')):  # as transformers' Qwen2Tokenizer reads these files
+            vocab, nfc, pattern = _read_json(path('vocab.json')), True, QWEN2_PATTERN
+            with open(path('merges.txt'), encoding='utf-8') as f:
+                merges = [tuple(line.split(' ')) for line in f.read().split('\n')
+                          if line and not line.startswith('#version')]
+            added = [dict(t, id=int(i)) for i, t in cfg.get('added_tokens_decoder', {}).items()]
+            files += [path('vocab.json'), path('merges.txt')]
+        else:
+            raise FileNotFoundError(f'no tokenizer.json or vocab.json + merges.txt in {directory}')
+        for t in added:
+            if t.get('lstrip') or t.get('rstrip') or t.get('single_word'):
+                raise ValueError(f"{directory}: added token {t['content']!r} uses lstrip/rstrip/single_word")
+        pad = cfg.get('pad_token', '<|endoftext|>')  # Qwen2's default
+        return cls(vocab, merges, added, pattern, nfc, pad.get('content') if isinstance(pad, dict) else pad,
+                   files, directory)
+
+    def encode(self, text):
+        ids, start = [], 0
+        for m in (self.added_re.finditer(text) if self.added_re else ()):
+            ids += self._encode_ordinary(text[start:m.start()]) + [self.added[m.group()]]
+            start = m.end()
+        return ids + self._encode_ordinary(text[start:])
+
+    def _encode_ordinary(self, text):
+        if not text:
+            return []
+        text = unicodedata.normalize('NFC', text) if self.nfc else text
+        return self.rank_to_id[self.bpe.encode_ordinary(text)].tolist()
+
+    def decode(self, ids, skip_special_tokens=False):
+        out, buf = [], b''  # as transformers: the bytes between two added tokens are decoded together
+        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
+            if i in self.id_to_added:
+                out.append(buf.decode('utf-8', errors='replace'))
+                buf = b''
+                if not (skip_special_tokens and i in self.special_ids):
+                    out.append(self.id_to_added[i])
+            else:
+                buf += self.id_to_bytes[i]
+        return ''.join(out) + buf.decode('utf-8', errors='replace')
+
+    def chat_text(self, text, role='user', image=False):
+        """Qwen2.5-VL's chat template for one message (its text, then an image) and the generation prompt."""
+        vision = '<|vision_start|><|image_pad|><|vision_end|>' if image else ''
+        return (f'<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n'
+                f'<|im_start|>{role}\n{text}{vision}<|im_end|>\n<|im_start|>assistant\n')
+
+    def chat_ids(self, text, role='user', n_image_tokens=0):
+        """chat_text's ids, the image placeholder repeated n_image_tokens times (as the processor does)."""
+        ids = self.encode(self.chat_text(text, role, image=n_image_tokens > 0))
+        if n_image_tokens:
+            i = ids.index(self.added['<|image_pad|>'])
+            ids = ids[:i] + ids[i:i + 1] * n_image_tokens + ids[i + 1:]
+        return ids
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path} is not valid JSON: {e}') from None
+
+
+# -----------------------------------------------------------------------------
+# images
+
+def smart_resize(height, width, factor, min_pixels, max_pixels):
+    """Qwen2-VL's target size: multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    if min(height, width) == 0:
+        raise ValueError(f'image has zero size ({width}x{height})')
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f'aspect ratio {max(height, width) / min(height, width):.0f} is over 200')
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def to_rgb(image):
+    """As transformers: anything with transparency is composited onto white, the rest converted by PIL;
+    but 16-bit greys are scaled to 8 bits (PIL's conversion, which transformers uses, clips them at 255)."""
+    if image.mode.startswith('I'):
+        image = Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))
+    if 'A' in image.getbands() or 'transparency' in image.info:
+        white = Image.new('RGBA', image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert('RGBA')).convert('RGB')
+    return image.convert('RGB')
+
+
+def load_image(path):
+    """An image file as an RGB PIL image (see to_rgb); an unreadable or empty file is an error naming it."""
+    if os.path.exists(path) and os.path.getsize(path) == 0:
+        raise ValueError(f'cannot read image {path}: the file is empty')
+    try:
+        with Image.open(path) as f:
+            f.load()
+            image = f
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f'cannot read image {path}: {e}') from None
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f'cannot read image {path}: zero size ({image.width}x{image.height})')
+    return to_rgb(image)
+
+
+def preprocess_image(image, min_pixels=3136, max_pixels=65536, patch_size=14, merge_size=2, temporal_patch_size=2):
+    """Image (path or PIL) -> pixel_values (N, 3*T*P*P) float32 and image_grid_thw (1, 3), equal to
+    transformers' Qwen2VLImageProcessor: smart resize (bicubic), /255, CLIP mean/std, patches in
+    merge-block order, each repeated temporal_patch_size times (a still image is a one-frame video)."""
+    image = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+    h, w = smart_resize(image.height, image.width, patch_size * merge_size, min_pixels, max_pixels)
+    x = np.asarray(image.resize((w, h), Image.BICUBIC)).astype(np.float64) * (1 / 255)
+    x = (x.astype(np.float32) - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
+    x = x.transpose(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)[:, :, :, :, :, None]  # (gh/m, gw/m, m, m, C, 1, p, p)
+    x = np.broadcast_to(x, (*x.shape[:5], temporal_patch_size, p, p))
+    return torch.from_numpy(x.reshape(gh * gw, -1).copy()), torch.tensor([[1, gh, gw]])
