@@ -1,15 +1,26 @@
 """
 Unified-Bench and the project's speed benchmarks, in one place.
 
-    python bench.py                      # Unified-Bench (default task)
+    python bench.py                      # Unified-Bench (default task): the toy bench
+    python bench.py --images DIR         # Unified-Bench I2T2I over DIR (see bench_unibench for the options)
+    python bench.py --generated DIR --reference DIR   # score existing reconstructions
     python bench.py --task decoder       # MMDiT speed against diffusers
     python bench.py --task encoder       # sampler speed against transformers' generate
     python bench.py --task attention     # Triton attention against SDPA (GPU only)
+    python bench.py --task reward        # mean RL reward per caption detail level (toy checkpoints)
 """
+import json
+import os
+import posixpath
+import re
+import shlex
+import subprocess
 import sys
 import time
 
 import torch
+
+from common import atomic_write, autocast, configure, pick_device, save_json
 
 
 def timeit(fn, warmup=2, iters=5):
@@ -30,20 +41,667 @@ def timeit(fn, warmup=2, iters=5):
 # -----------------------------------------------------------------------------
 # task: decoder
 
+# (layers, heads x 64, batch, input channels, input side -> patch-2 image tokens, text tokens, widths);
+# SD3.5 style (qk RMSNorm), like UAE's decoder
+DECODER_SIZES = {
+    'toy': dict(num_layers=4, num_attention_heads=2, batch=32, in_channels=3, side=16, text=48,
+                joint_attention_dim=128, pooled_projection_dim=128),   # 64 image tokens
+    'small': dict(num_layers=8, num_attention_heads=6, batch=8, in_channels=16, side=32, text=77,
+                  joint_attention_dim=4096, pooled_projection_dim=2048),  # 256 image tokens
+}
+
+
+def interleaved_times(fns, warmup, iters, clock=time.perf_counter):
+    """Median time of each fn, measured in alternation so that machine noise hits all alike.
+    clock=time.process_time counts this process's CPU time only (CPU runs on a shared machine)."""
+    times = [[] for _ in fns]
+    for i in range(warmup + iters):
+        for fn, ts in zip(fns, times):
+            t0 = clock()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= warmup:
+                ts.append(clock() - t0)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
+def bench_decoder(args):
+    """Our MMDiT against diffusers' SD3Transformer2DModel with the same weights: a training step
+    (forward + backward + AdamW) and a sampling step (forward, no_grad), fp32 and bf16 autocast."""
+    from diffusers import SD3Transformer2DModel
+    from common import autocast, configure, load_state_dict_strict, pick_device
+    from model_decoder import MMDiT, MMDiTConfig
+    config = dict(sizes='toy,small', dtypes='float32,bfloat16', warmup=2, iters=7, device='auto', seed=0,
+                  threads=0, clock='wall')
+    # threads: torch CPU threads, 0 = torch's default; clock: 'wall' or 'cpu' (process CPU time).
+    # On a busy shared CPU, --threads=1 --clock=cpu gives the steadiest ratios.
+    configure(config, args)
+    device = pick_device(config['device'])
+    if config['threads']:
+        torch.set_num_threads(config['threads'])
+    clock = {'wall': time.perf_counter, 'cpu': time.process_time}[config['clock']]
+    rows = []
+    for size in config['sizes'].split(','):
+        s = dict(DECODER_SIZES[size])
+        batch, side, text = s.pop('batch'), s.pop('side'), s.pop('text')
+        cfg = dict(s, attention_head_dim=64, caption_projection_dim=64 * s['num_attention_heads'], qk_norm='rms_norm',
+                   out_channels=s['in_channels'], patch_size=2, sample_size=side, pos_embed_max_size=side)
+        torch.manual_seed(config['seed'])
+        ref = SD3Transformer2DModel(**cfg).to(device).train()
+        ours = MMDiT(MMDiTConfig(**cfg)).to(device).train()
+        load_state_dict_strict(ours, ref.state_dict(), 'diffusers model')
+        g = torch.Generator().manual_seed(config['seed'])
+        x = torch.randn(batch, cfg['in_channels'], side, side, generator=g).to(device)
+        target = torch.randn(x.shape, generator=g).to(device)
+        t = (torch.rand(batch, generator=g) * 1000).to(device)
+        c = torch.randn(batch, text, cfg['joint_attention_dim'], generator=g).to(device)
+        p = torch.randn(batch, cfg['pooled_projection_dim'], generator=g).to(device)
+        run = {'ours': lambda: ours(x, t, c, p),
+               'diffusers': lambda: ref(hidden_states=x, encoder_hidden_states=c, pooled_projections=p,
+                                        timestep=t).sample}
+        for dtype in config['dtypes'].split(','):
+            def train_step(model, forward, opt):
+                opt.zero_grad(set_to_none=True)
+                with autocast(device, dtype):
+                    loss = torch.nn.functional.mse_loss(forward().float(), target)
+                loss.backward()
+                opt.step()
+
+            def sample_step(forward):
+                with torch.no_grad(), autocast(device, dtype):
+                    forward()
+
+            opts = {'ours': torch.optim.AdamW(ours.parameters(), lr=1e-6),
+                    'diffusers': torch.optim.AdamW(ref.parameters(), lr=1e-6)}
+            for kind in ('train', 'sample'):
+                fns = [(lambda m=m: train_step(m, run[m], opts[m])) if kind == 'train' else
+                       (lambda m=m: sample_step(run[m])) for m in ('ours', 'diffusers')]
+                t_ours, t_ref = interleaved_times(fns, config['warmup'], config['iters'], clock)
+                rows.append((size, dtype, kind, t_ours, t_ref))
+                print(f'{size:6s} {dtype:9s} {kind:6s} ours {t_ours * 1e3:8.1f} ms  diffusers {t_ref * 1e3:8.1f} ms'
+                      f'  speed-up {t_ref / t_ours:.2f}x', flush=True)
+    load = ', '.join(f'{x:.1f}' for x in os.getloadavg()) if hasattr(os, 'getloadavg') else '?'
+    print(f'\n{device}, {torch.get_num_threads()} threads, {config["clock"]} clock, '
+          f'median of {config["iters"]} interleaved runs, '
+          f'load average {load}\n')
+    print('| config | precision | step | ours (ms) | diffusers (ms) | diffusers / ours |')
+    print('|---|---|---|---:|---:|---:|')
+    for size, dtype, kind, t_ours, t_ref in rows:
+        print(f'| {size} | {dtype} | {kind} | {t_ours * 1e3:.1f} | {t_ref * 1e3:.1f} | {t_ref / t_ours:.2f} |')
+
 
 # -----------------------------------------------------------------------------
 # task: encoder
+
+# 'tiny': the tests' scale; 'toy': the toy world's encoder (config/toy_encoder.json)
+ENCODER_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, mrope_section=[2, 3, 3], vocab_size=512, vision_hidden_size=32,
+                    vision_intermediate_size=64, vision_depth=2, vision_num_heads=2, patch_size=8, window_size=32,
+                    fullatt_block_indexes=[1], image_token_id=511, vision_start_token_id=509,
+                    vision_end_token_id=510, eos_token_id=508)
+
+
+def bench_encoder(args):
+    """Sampling throughput (prefill + new tokens, tokens/s) of Encoder.generate against transformers'
+    Qwen2_5_VLForConditionalGeneration.generate with the same weights, prompts (a 64x64 image + text)
+    and sampling settings (temperature 1, no top-k/top-p, no early stop)."""
+    import transformers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from common import autocast, configure, pick_device
+    from model_encoder import Encoder, EncoderConfig
+    transformers.logging.set_verbosity_error()
+    config = dict(sizes='tiny,toy', batches='1,16', new_tokens=64, text_tokens=40, dtype='float32',
+                  warmup=1, iters=5, device='auto', seed=0, threads=0)
+    configure(config, args)
+    device = pick_device(config['device'])
+    if config['threads']:  # on a shared CPU, waking a second thread for tiny ops can cost a whole time slice
+        torch.set_num_threads(config['threads'])
+    rows = []
+    for size in config['sizes'].split(','):
+        if size == 'toy':
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'toy_encoder.json')
+            with open(path) as f:
+                c = EncoderConfig.from_hf(json.load(f), path)
+        else:
+            c = EncoderConfig(**ENCODER_TINY)
+        c.eos_token_id = c.vocab_size + 1  # never sampled: every run makes new_tokens tokens
+        torch.manual_seed(config['seed'])
+        ours = Encoder(c).to(device).eval()
+        hf_cfg = {k: v for k, v in c.to_hf().items() if not k.startswith(('projector', 'architectures', 'model_type'))}
+        ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_cfg)).to(device).eval()
+        ref.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith('projector.')})
+        grid, n_image = 64 // c.patch_size, (64 // c.patch_size // c.spatial_merge_size) ** 2
+        for batch in map(int, config['batches'].split(',')):
+            g = torch.Generator().manual_seed(config['seed'])
+            text = torch.randint(0, c.vocab_size - 16, (batch, config['text_tokens']), generator=g)
+            image = torch.tensor([[c.vision_start_token_id] + [c.image_token_id] * n_image + [c.vision_end_token_id]])
+            ids = torch.cat([text[:, :4], image.expand(batch, -1), text[:, 4:]], 1).to(device)
+            pixels = torch.randn(batch * grid ** 2, 3 * 2 * c.patch_size ** 2, generator=g).to(device)
+            kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                      image_grid_thw=torch.tensor([[1, grid, grid]] * batch, device=device))
+            n = config['new_tokens']
+
+            def run_ours():
+                with autocast(device, config['dtype']):
+                    out = ours.generate(**kw, max_new_tokens=n, temperature=1.0)
+                assert out.tokens.shape == (batch, n)
+
+            def run_hf():
+                with torch.no_grad(), autocast(device, config['dtype']):
+                    out = ref.generate(**kw, mm_token_type_ids=(ids == c.image_token_id).int(), max_new_tokens=n,
+                                       min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                       eos_token_id=c.eos_token_id, pad_token_id=0)
+                assert out.shape == (batch, ids.shape[1] + n)
+
+            times = [[], []]  # interleaved runs; the fastest of each (other processes only ever add time)
+            for i in range(config['warmup'] + config['iters']):
+                for fn, ts in zip((run_ours, run_hf), times):
+                    t0 = time.perf_counter()
+                    fn()
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    if i >= config['warmup']:
+                        ts.append(time.perf_counter() - t0)
+            t_ours, t_ref = min(times[0]), min(times[1])
+            rows.append((size, batch, batch * n / t_ours, batch * n / t_ref))
+            print(f'{size:5s} batch {batch:3d}  ours {rows[-1][2]:9.0f} tok/s  transformers {rows[-1][3]:9.0f} tok/s'
+                  f'  speed-up {t_ref / t_ours:.2f}x', flush=True)
+    print(f'\n{device}, {config["dtype"]}, {torch.get_num_threads()} threads, prompt: {config["text_tokens"]} text tokens '
+          f'+ a 64x64 image, {config["new_tokens"]} new tokens, best of {config["iters"]} interleaved runs\n')
+    print('| config | batch | ours (tokens/s) | transformers generate (tokens/s) | ours / transformers |')
+    print('|---|---:|---:|---:|---:|')
+    for size, batch, ours_tps, ref_tps in rows:
+        print(f'| {size} | {batch} | {ours_tps:.0f} | {ref_tps:.0f} | {ours_tps / ref_tps:.2f} |')
 
 
 # -----------------------------------------------------------------------------
 # task: attention
 
+ATTENTION_SHAPES = [  # (name, B, H, Hkv, N, D, causal)
+    ('SD3.5-Large joint', 1, 38, 38, 4350, 64, False),
+    ('Qwen2.5-VL-3B LLM', 1, 16, 2, 2048, 128, True),
+]
+
+
+def bench_attention(args):
+    """The Triton flash attention (kernels/attention.py) against torch SDPA, bf16, in TFLOP/s."""
+    import torch.nn.functional as F
+    from common import configure
+    config = dict(warmup=3, iters=20)
+    configure(config, args)
+    if not torch.cuda.is_available():
+        sys.exit('--task attention needs a CUDA GPU: on the CPU the Triton kernels run only in the '
+                 'interpreter (TRITON_INTERPRET=1), which is far too slow to time')
+    from kernels.attention import flash_attention
+    rows = []
+    for name, B, H, Hkv, N, D, causal in ATTENTION_SHAPES:
+        q = torch.randn(B, H, N, D, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(B, Hkv, N, D, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(B, Hkv, N, D, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        do = torch.randn_like(q)
+        impls = {'SDPA': lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != Hkv),
+                 'Triton': lambda: flash_attention(q, k, v, causal=causal)}
+        with torch.no_grad():
+            diff = (impls['Triton']() - impls['SDPA']()).abs().max().item()
+        # the matmuls q k^T and p v take 2 N^2 D FLOPs each (half when causal); backward is 2.5x forward
+        flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+        for step, mult in (('forward', 1.0), ('forward+backward', 3.5)):
+            def run(fn):
+                if step == 'forward':
+                    with torch.no_grad():
+                        fn()
+                else:
+                    torch.autograd.grad(fn(), (q, k, v), do)
+            # the first calls compile and autotune the kernels: warmup covers them
+            t = {impl: timeit(lambda: run(fn), config['warmup'], config['iters']) for impl, fn in impls.items()}
+            rows.append((f'{name} ({H}/{Hkv} heads x {D}, N={N}{", causal" if causal else ""})', step,
+                         t['SDPA'], t['Triton'], flops * mult, diff))
+    print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, '
+          f'median of {config["iters"]} runs\n')
+    print('| shape | step | SDPA ms | SDPA TFLOP/s | Triton ms | Triton TFLOP/s | SDPA / Triton time | max abs diff |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|')
+    for shape, step, t_sdpa, t_ours, flops, diff in rows:
+        print(f'| {shape} | {step} | {t_sdpa * 1e3:.2f} | {flops / t_sdpa / 1e12:.1f} | {t_ours * 1e3:.2f} | '
+              f'{flops / t_ours / 1e12:.1f} | {t_sdpa / t_ours:.2f} | {diff:.1e} |')
+
+
+# -----------------------------------------------------------------------------
+# task: reward -- does the RL reward rise with caption completeness? (checked before any G4U run)
+
+def bench_reward(args):
+    """Decode the validation images from their captions at each detail level (data/shapes/world.py)
+    and average each candidate reward per level. A reward fit for G4U must rank complete captions
+    highest; one that prefers terse captions teaches the encoder to say less."""
+    import numpy as np
+    from data.shapes import world
+    from grpo import Reward
+    from sample import config as sample_config, generate, load_uae
+    config = dict({k: sample_config[k] for k in ('llm', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled',
+                                                   'negative_prompt', 'steps', 'cfg', 'shift', 'device', 'seed')},
+                  data_dir='data/shapes/out', images=100, metrics='pixel,scene')
+    configure(config, args)
+    device = pick_device(config['device'])
+    enc, dit, vae, pooled = load_uae(config, device)
+    images, records = world.load_split(os.path.join(config['data_dir'], 'val'))
+    images, records = np.asarray(images[:config['images']]), records[:config['images']]
+    metrics = config['metrics'].split(',')
+    reward = Reward({m: 1.0 for m in metrics}, device=device)
+    print(f"| caption level | mean tokens | {' | '.join(metrics)} |\n|---|---:|{'---:|' * len(metrics)}")
+    for level in world.CAPTION_LEVELS:
+        texts = [r['captions'][level] for r in records]
+        gen = torch.Generator(device).manual_seed(config['seed'])
+        recon = generate(enc, dit, vae, pooled, texts, config['negative_prompt'], None, config['steps'],
+                         config['cfg'], config['shift'], gen)
+        scores = reward.metrics(recon, images)
+        tokens = np.mean([len(enc.tokenizer.encode(t)) for t in texts])
+        print(f"| {level} | {tokens:.1f} | {' | '.join(f'{scores[m].mean():.4f}' for m in metrics)} |", flush=True)
+
 
 # -----------------------------------------------------------------------------
 # task: unibench
+#
+# Unified-Bench (SPEC §3, issue 6): caption every reference image, regenerate it from the caption alone
+# (I2T2I), and score each reconstruction against its original. File types, pairing rules and the
+# JSON layout follow the official Score_i2i.py; unlike it, nothing is dropped silently: every
+# unmatched, unreadable or ignored file is listed on screen and in the JSON.
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tiff', '.webp')  # the official script's list
+UAE_PATH_KEYS = ('llm', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled')
+# the settings that make a reconstruction what it is (device and batch size only change the speed)
+UAE_KEYS = UAE_PATH_KEYS + ('negative_prompt', 'size', 'steps', 'cfg', 'shift', 'temperature', 'max_new_tokens',
+                            'dtype', 'seed')
+METRIC_PATHS = {'clip': 'a CLIPVisionModelWithProjection or CLIPModel directory',
+                'dinov2': 'a Dinov2Model directory', 'dinov3': 'a DINOv3ViTModel directory',
+                'longclip': "LongCLIP-L's .pt file"}
+METRICS = (*METRIC_PATHS, 'pixel', 'scene')
+REPO = os.path.dirname(os.path.abspath(__file__))
+TOY_BENCH = os.path.join(REPO, 'data', 'shapes', 'out', 'test')  # 0.png ... 99.png + scenes.jsonl
 
 
-TASKS = {}
+def natural_key(name):
+    """'2.png' sorts before '10.png' (re.split with a group alternates text and digits: types line up)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+
+
+def list_images(directory, skip=None):
+    """(image names, other file names) under directory, recursively as the official script, as
+    '/'-separated relative paths in natural order. The directory `skip` (absolute) is not entered."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'{directory} is not a directory')
+    images, other = [], []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if os.path.abspath(os.path.join(root, d)) != skip]
+        for f in files:
+            name = os.path.relpath(os.path.join(root, f), directory).replace(os.sep, '/')
+            (images if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS else other).append(name)
+    return sorted(images, key=natural_key), sorted(other, key=natural_key)
+
+
+def match_pairs(generated, reference):
+    """Pair generated with reference names by the official rules, the best rule first: the same name;
+    the same stem with another extension; the generated stem is 'recon_' + the reference stem.
+    A reference pairs with one generated image at most (the official script would score it twice).
+    Returns ([(generated, reference)], {'generated': {name: why}, 'reference': {name: why}})."""
+    stem = lambda n: os.path.splitext(n)[0]  # noqa: E731
+
+    def without_recon(n):
+        folder, base = posixpath.split(stem(n))
+        return posixpath.join(folder, base[len('recon_'):]) if base.startswith('recon_') else None
+
+    names, by_stem = set(reference), {}
+    for r in reference:
+        by_stem.setdefault(stem(r), r)  # two references with one stem: the first, as the official loop
+    rules = (lambda g: g if g in names else None, lambda g: by_stem.get(stem(g)),
+             lambda g: by_stem.get(without_recon(g)))
+    paired, owner, wanted = {}, {}, {}  # generated -> reference, reference -> generated, first match
+    for rule in rules:
+        for g in generated:
+            r = rule(g)
+            if g in paired or r is None:
+                continue
+            wanted.setdefault(g, r)
+            if r not in owner:
+                paired[g], owner[r] = r, g
+    unmatched = {
+        'generated': {g: f'its reference {wanted[g]} is already paired with {owner[wanted[g]]}' if g in wanted
+                      else 'no reference with the same name, the same stem, or its stem without recon_'
+                      for g in generated if g not in paired},
+        'reference': {r: 'no generated image matches it' for r in reference if r not in owner}}
+    return [(g, paired[g]) for g in generated if g in paired], unmatched
+
+
+def read_image(path):
+    """An RGB PIL image (transparency on white, as the embedders); a bad file is a ValueError saying why."""
+    from PIL import Image
+    from embedders import to_rgb
+    try:
+        with Image.open(path) as image:
+            return to_rgb(image)
+    except Exception as e:  # PIL raises many types for a broken file: OSError, SyntaxError, ValueError, ...
+        raise ValueError(f'{type(e).__name__}: {e}') from None
+
+
+def toy_pixels(image):
+    """(48, 48, 3) uint8 for world.parse_image; another size is area-resampled to 48x48."""
+    import numpy as np
+    from PIL import Image
+    from data.shapes import world
+    if image.size != (world.IMAGE, world.IMAGE):
+        image = image.resize((world.IMAGE, world.IMAGE), Image.BOX)
+    return np.asarray(image)
+
+
+def scene_truths(ref_dir, names):
+    """({reference name: ground-truth scene}, path) from a scenes.jsonl beside the references, whose
+    line i describes the image with stem i (prepare.py's test split); ({}, None) without one."""
+    path = os.path.join(ref_dir, 'scenes.jsonl')
+    if not os.path.exists(path):
+        return {}, None
+    scenes = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            try:
+                scenes.append(json.loads(line)['scene'])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f'{path} line {i}: not a prepare.py scene record ({type(e).__name__}: {e})') from None
+    stems = {n: os.path.splitext(n)[0] for n in names}
+    return {n: scenes[int(s)] for n, s in stems.items() if s.isdigit() and int(s) < len(scenes)}, path
+
+
+def score_pairs(pairs, metrics, embedders, truths, chunk=32):
+    """pairs: [(key, generated path, reference path, reference name)] -> ({metric: {key: score}},
+    {path: error} of unreadable files, counts for the scene metric). Images are read `chunk` pairs at
+    a time, so memory stays flat on large folders."""
+    from data.shapes import world
+    scores, unreadable = {m: {} for m in metrics}, {}
+    scene = dict(truth=0, parsed=0, resized=0, truth_disagrees=0)
+    for i in range(0, len(pairs), chunk):
+        keys, gens, refs, ref_names = [], [], [], []
+        for key, gen_path, ref_path, ref_name in pairs[i:i + chunk]:
+            images = []
+            for path in (gen_path, ref_path):
+                try:
+                    images.append(read_image(path))
+                except ValueError as e:
+                    unreadable[path] = str(e)
+            if len(images) == 2:
+                keys.append(key)
+                gens.append(images[0])
+                refs.append(images[1])
+                ref_names.append(ref_name)
+        if not keys:
+            continue
+        for m in metrics:
+            if m != 'scene':
+                e = embedders[m]
+                sims = e.similarity(e.embed(gens), e.embed(refs)).tolist()
+            else:  # object F1 of what can be read back from the reconstruction, against the truth
+                sims = []
+                for gen, ref, name in zip(gens, refs, ref_names):
+                    scene['resized'] += sum(im.size != (world.IMAGE, world.IMAGE) for im in (gen, ref))
+                    parsed_ref = world.parse_image(toy_pixels(ref))
+                    truth = truths.get(name)
+                    if truth is None:
+                        truth, scene['parsed'] = parsed_ref, scene['parsed'] + 1
+                    else:
+                        scene['truth'] += 1
+                        scene['truth_disagrees'] += world.score(parsed_ref, truth)['object_f1'] < 1
+                    sims.append(world.score(world.parse_image(toy_pixels(gen)), truth)['object_f1'])
+            scores[m].update(zip(keys, map(float, sims)))
+    return scores, unreadable, scene
+
+
+def check_run(cfg, image_dir, out_dir):
+    """out_dir/run.json records the settings of the reconstructions in out_dir: resuming with other
+    settings would mix two models' outputs in one score, so that is an error."""
+    run = {k: os.path.abspath(cfg[k]) if k in UAE_PATH_KEYS and cfg[k] else cfg[k] for k in UAE_KEYS}
+    run['images'] = os.path.abspath(image_dir)
+    path = os.path.join(out_dir, 'run.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [f'{k}: {old.get(k)!r} there, {run.get(k)!r} now' for k in sorted(set(run) | set(old))
+                if run.get(k) != old.get(k)]
+        if diff:
+            raise ValueError(f"{out_dir} holds reconstructions made with other settings ({'; '.join(diff)}): "
+                             f"pass another --out_dir, or delete that one to start over")
+    else:
+        save_json(run, path)
+    return run
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def progress(done, total, t0):
+    elapsed = time.time() - t0
+    eta = f'{elapsed / done * (total - done):.0f} s' if done else '?'
+    end = '\n' if done == total or not sys.stderr.isatty() else ''
+    print(f'\r[{"#" * round(30 * done / total):<30}] {done}/{total} images  {elapsed:.0f} s  ETA {eta}',
+          end=end, file=sys.stderr, flush=True)
+
+
+def reconstruct(cfg, image_dir, names, out_dir, device):
+    """I2T2I of every image of `names` not yet done in out_dir (check_run first). After each batch
+    the reconstructions (recon_<stem>.png) and captions.jsonl are written atomically, so a rerun
+    resumes where a crash stopped. Returns ({name: record}, {path: error} of unreadable images)."""
+    from PIL import Image
+    from sample import caption, generate, load_uae
+
+    def recon_name(n):  # 'a/0.jpg' -> 'a/recon_0.png'
+        folder, base = posixpath.split(n)
+        return posixpath.join(folder, f'recon_{posixpath.splitext(base)[0]}.png')
+
+    owners = {}
+    for n in names:
+        owners.setdefault(recon_name(n), []).append(n)
+    clashes = [' and '.join(v) for v in owners.values() if len(v) > 1]
+    if clashes:
+        raise ValueError(f'{image_dir}: images with the same stem would share a reconstruction file: '
+                         f'{"; ".join(clashes)}')
+    log, done, unreadable = os.path.join(out_dir, 'captions.jsonl'), {}, {}
+    if os.path.exists(log):
+        with open(log) as f:
+            for rec in map(json.loads, f):
+                if rec['image'] in owners.get(rec['recon'], ()) and os.path.exists(os.path.join(out_dir, rec['recon'])):
+                    done[rec['image']] = rec
+    total = sum(n not in done for n in names)
+    print(f'{len(names) - total} of {len(names)} images already reconstructed in {out_dir}, {total} to go')
+    if not total:
+        return done, unreadable
+    enc, dit, vae, pooled = load_uae(cfg, device)
+    bs, t0, finished = cfg['batch_size'], time.time(), 0
+    # fixed batches, each with its own seed: a resumed run makes the same images as an uninterrupted one
+    for k, batch in enumerate(names[i:i + bs] for i in range(0, len(names), bs)):
+        todo, images = [], []
+        for n in batch:
+            if n not in done:
+                try:
+                    images.append(read_image(os.path.join(image_dir, n)))
+                    todo.append(n)
+                except ValueError as e:
+                    unreadable[os.path.join(image_dir, n)] = str(e)
+                    finished += 1
+        if not todo:
+            continue
+        gen = torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + k)
+        with autocast(device, cfg['dtype']):
+            texts, out = caption(enc, images, cfg['temperature'], cfg['max_new_tokens'], generator=gen)
+            recon = generate(enc, dit, vae, pooled, texts, cfg['negative_prompt'], cfg['size'], cfg['steps'],
+                             cfg['cfg'], cfg['shift'], gen)
+        for n, text, pixels, length in zip(todo, texts, recon, out.mask.sum(1).tolist()):
+            rec = dict(image=n, recon=recon_name(n), caption=text, tokens=int(length))
+            path = os.path.join(out_dir, rec['recon'])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format='PNG'))
+            done[n] = rec
+        write_text(log, ''.join(json.dumps(done[n]) + '\n' for n in names if n in done))
+        finished += len(todo)
+        progress(finished, total, t0)
+    return done, unreadable
+
+
+def contact_sheet(rows, metrics, path):
+    """rows: (name, original path, caption, reconstruction path, {metric: score}) -> an HTML table
+    (original | caption | reconstruction | scores) that links the images by relative path."""
+    import html
+    from urllib.parse import quote
+    src = lambda p: quote(os.path.relpath(p, os.path.dirname(os.path.abspath(path))).replace(os.sep, '/'))  # noqa: E731
+    lines = ['<!doctype html><meta charset="utf-8"><title>Unified-Bench</title><style>',
+             'body{font-family:sans-serif} td{vertical-align:top;padding:4px;border-bottom:1px solid #ccc}',
+             'img{width:160px;image-rendering:pixelated} td.c{max-width:480px}</style><table>',
+             '<tr><th>original</th><th>caption</th><th>reconstruction</th><th>scores</th></tr>']
+    for name, orig, text, recon, scores in rows:
+        s = '<br>'.join(f'{m} {scores[m]:.4f}' for m in metrics if m in scores)
+        lines.append(f'<tr><td><img src="{src(orig)}"><br>{html.escape(name)}</td><td class="c">{html.escape(text)}'
+                     f'</td><td><img src="{src(recon)}"></td><td>{s}</td></tr>')
+    lines.append('</table>')
+    write_text(path, '\n'.join(lines) + '\n')
+
+
+def print_report(results, metrics, scene, truth_path, ref_dir, out_dir):
+    """Everything the JSON lists that needs a reader's eye, then the scores."""
+    unmatched, unreadable, ignored = results['unmatched'], results['unreadable'], results['ignored']
+    for side, files in unmatched.items():
+        for why in dict.fromkeys(files.values()):
+            print(f"unmatched {side} files ({why}): {', '.join(n for n, w in files.items() if w == why)}")
+    for path, error in unreadable.items():
+        print(f'unreadable {path}: {error}')
+    if ignored:
+        print(f"ignored {len(ignored)} non-image file(s): {', '.join(ignored)}")
+    if 'scene' in metrics:
+        print(f"scene: {results['models']['scene']}")
+        if scene['resized']:
+            print(f"note: {scene['resized']} image(s) are not 48x48 and were resampled for the scene metric, "
+                  f"which only means something on toy-world images")
+        if scene['truth_disagrees']:
+            print(f"warning: {scene['truth_disagrees']} reference(s) do not parse to their scenes.jsonl scene: "
+                  f"is {truth_path} the file of these images?")
+    print(f"\n{results['pairs']} pairs scored ({ref_dir})")
+    for m in metrics:
+        r = results[m]
+        print(f'{m:9s} ' + ('no scores' if r['average'] is None else
+                            f"average {r['average']:.4f}  min {r['min']:.4f}  max {r['max']:.4f}"))
+    if results['overall'] is not None:
+        print(f"overall   {results['overall']:.4f} (mean of the metric averages)")
+    if results.get('caption_tokens') is not None:
+        print(f"captions  {results['caption_tokens']:.1f} tokens on average")
+    print(f"scores: {os.path.join(out_dir, 'scores.json')}; "
+          f"contact sheet: {os.path.join(out_dir, 'contact_sheet.html')}")
+
+
+def bench_unibench(args):
+    """Unified-Bench; returns the results dict it writes to out_dir/scores.json.
+
+    python bench.py                                          # toy bench: 100 toy test images, toy checkpoints
+    python bench.py --images DIR [--out_dir D] [UAE keys]    # I2T2I over DIR, then score
+    python bench.py --generated DIR --reference DIR          # score existing reconstructions
+    metrics: --metrics=clip,dinov2,dinov3,longclip,pixel,scene with --clip=PATH etc.; the default is
+    every embedder given a path, or pixel,scene (which need no weights) when none is."""
+    import sample
+    config = dict(images='', generated='', reference='', out_dir='', metrics='', clip='', dinov2='', dinov3='',
+                  longclip='', batch_size=20, device='auto', **{k: sample.config[k] for k in UAE_KEYS})
+    cfg = configure(config, args)
+    from embedders import load_embedder
+    device = pick_device(cfg['device'])
+    scoring = bool(cfg['generated'] or cfg['reference'])
+    if scoring and (cfg['images'] or not (cfg['generated'] and cfg['reference'])):
+        raise ValueError('--generated and --reference go together, and without --images')
+    toy = not (scoring or cfg['images'])
+    if toy:
+        missing = [f'--{k}={cfg[k]}' for k in ('llm', 'dit', 'pooled') if not os.path.exists(cfg[k])]
+        if missing:
+            raise FileNotFoundError(f"the toy Unified-Bench needs the toy checkpoints; not found: "
+                                    f"{', '.join(missing)}. Train them (see README), pass other paths, or score "
+                                    f"existing images with --generated DIR --reference DIR")
+        if not os.path.exists(os.path.join(TOY_BENCH, 'scenes.jsonl')):
+            print('no toy test split yet: running data/shapes/prepare.py (~20 s)')
+            subprocess.run([sys.executable, os.path.join(REPO, 'data', 'shapes', 'prepare.py')], check=True, cwd=REPO)
+        cfg['images'] = TOY_BENCH
+
+    given = [m for m in METRIC_PATHS if cfg[m]]
+    metrics = [m.strip() for m in cfg['metrics'].split(',') if m.strip()] or given or ['pixel', 'scene']
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or len(set(metrics)) != len(metrics):
+        raise ValueError(f"--metrics={cfg['metrics']}: each of {', '.join(METRICS)} at most once; got {metrics}")
+    for m in metrics:
+        if m in METRIC_PATHS and not cfg[m]:
+            raise ValueError(f'metric {m} needs its local checkpoint: --{m}=PATH ({METRIC_PATHS[m]})')
+    for m in given:
+        if m not in metrics:
+            print(f'note: --{m} is given but {m} is not in --metrics: not used')
+    # float32 whatever --dtype says (that one is the UAE models'): scores are compared across papers
+    embedders = {m: load_embedder(m, cfg.get(m) or None, device, 'float32') for m in metrics if m != 'scene'}
+
+    result_extra = {}
+    if scoring:
+        gen_dir, ref_dir = cfg['generated'], cfg['reference']
+        out_dir = cfg['out_dir'] or os.path.join('out', 'unibench', os.path.basename(os.path.normpath(gen_dir)))
+        (gen_names, gen_other), (ref_names, ref_other) = list_images(gen_dir), list_images(ref_dir)
+        matched, unmatched = match_pairs(gen_names, ref_names)
+        pairs = [(g, os.path.join(gen_dir, g), os.path.join(ref_dir, r), r) for g, r in matched]
+        ignored = [os.path.join(gen_dir, n) for n in gen_other] + [os.path.join(ref_dir, n) for n in ref_other]
+        captions = {}  # written by an --images run beside its reconstructions
+        if os.path.exists(os.path.join(gen_dir, 'captions.jsonl')):
+            with open(os.path.join(gen_dir, 'captions.jsonl')) as f:
+                captions = {rec.get('recon'): rec.get('caption', '') for rec in map(json.loads, f)}
+        texts = {g: captions.get(g, '') for g, _ in matched}
+        unreadable = {}
+    else:
+        ref_dir = cfg['images']
+        out_dir = cfg['out_dir'] or os.path.join('out', 'unibench', 'toy' if toy else
+                                                 os.path.basename(os.path.normpath(ref_dir)))
+        names, other = list_images(ref_dir, skip=os.path.abspath(out_dir))
+        ignored = [os.path.join(ref_dir, n) for n in other]
+        os.makedirs(out_dir, exist_ok=True)
+        run = check_run(cfg, ref_dir, out_dir)
+        records, unreadable = reconstruct(cfg, ref_dir, names, out_dir, device)
+        pairs = [(n, os.path.join(out_dir, records[n]['recon']), os.path.join(ref_dir, n), n)
+                 for n in names if n in records]
+        unmatched = {'generated': {}, 'reference': {}}
+        texts = {n: rec['caption'] for n, rec in records.items()}
+        tokens = [rec['tokens'] for rec in records.values()]
+        result_extra = dict(uae=run, caption_tokens=sum(tokens) / len(tokens) if tokens else None)
+
+    truths, truth_path = scene_truths(ref_dir, [p[3] for p in pairs]) if 'scene' in metrics else ({}, None)
+    scores, bad_files, scene = score_pairs(pairs, metrics, embedders, truths)
+    unreadable.update(bad_files)
+
+    models = {m: os.path.abspath(cfg[m]) for m in metrics if m in METRIC_PATHS}
+    if 'pixel' in metrics:
+        models['pixel'] = 'no weights: 1 - mean |a - b| of the RGB images at 64x64 (embedders.py)'
+    if 'scene' in metrics:
+        models['scene'] = 'object F1 of world.parse_image(reconstruction) against ' + ' and '.join(
+            [f"the ground-truth scenes of {truth_path} ({scene['truth']} images)"] * bool(scene['truth']) +
+            [f"world.parse_image(reference) ({scene['parsed']} images)"] * bool(scene['parsed']))
+    results = {m: dict(s) for m, s in scores.items()}
+    for m, s in results.items():
+        values = list(scores[m].values())
+        s.update(average=sum(values) / len(values) if values else None, min=min(values, default=None),
+                 max=max(values, default=None))
+    averages = [results[m]['average'] for m in metrics if results[m]['average'] is not None]
+    results.update(overall=sum(averages) / len(averages) if averages else None, models=models,
+                   command=shlex.join(['python', 'bench.py', *args]), pairs=len(scores[metrics[0]]),
+                   unmatched=unmatched, unreadable=unreadable, ignored=ignored, **result_extra)
+    os.makedirs(out_dir, exist_ok=True)
+    save_json(results, os.path.join(out_dir, 'scores.json'))
+    rows = [(key, ref, texts.get(key, ''), gen, {m: scores[m][key] for m in metrics})
+            for key, gen, ref, _ in pairs if key in scores[metrics[0]]]
+    contact_sheet(rows, metrics, os.path.join(out_dir, 'contact_sheet.html'))
+
+    print_report(results, metrics, scene, truth_path, ref_dir, out_dir)
+    if not results['pairs']:
+        raise ValueError('no image pair could be scored: see the unmatched and unreadable files above')
+    return results
+
+
+TASKS = {'attention': bench_attention, 'decoder': bench_decoder, 'encoder': bench_encoder, 'reward': bench_reward,
+         'unibench': bench_unibench}
 
 if __name__ == '__main__':
     args = sys.argv[1:]

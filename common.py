@@ -155,6 +155,11 @@ def atomic_write(path, write):
 
 def save_safetensors(state, path, metadata=None):
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    seen = set()
+    for k, v in state.items():  # tied weights (embedding = lm_head) are written as two tensors
+        if v.data_ptr() in seen:
+            state[k] = v.clone()
+        seen.add(v.data_ptr())
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 

@@ -53,7 +53,7 @@ VISION_KEYS = dict(vision_depth='depth', vision_hidden_size='hidden_size', visio
                    temporal_patch_size='temporal_patch_size', spatial_merge_size='spatial_merge_size',
                    fullatt_block_indexes='fullatt_block_indexes', in_channels='in_channels')
 TOP_KEYS = ('tie_word_embeddings', 'image_token_id', 'vision_start_token_id', 'vision_end_token_id',
-            'projector_hidden_size', 'projector_out_size')
+            'projector_hidden_size', 'projector_out_size', 'caption_prompt')
 
 
 @dataclass
@@ -86,6 +86,7 @@ class EncoderConfig:
     eos_token_id: int | list = 151645
     projector_hidden_size: int | None = None  # UAE: Linear(hidden, 8192) -> GELU -> Linear(8192, 4096)
     projector_out_size: int | None = None
+    caption_prompt: str = CAPTION_PROMPT  # the toy world uses a short one: every prompt token costs compute
 
     @classmethod
     def from_hf(cls, cfg, source='config.json'):
@@ -460,16 +461,23 @@ class Encoder(nn.Module):
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, max_new_tokens=64,
                  temperature=1.0, top_k=0, top_p=1.0, greedy=False, eos_token_id=None, pad_token_id=None,
-                 generator=None):
+                 generator=None, suppress_tokens=None):
         """Batched sampling with a preallocated KV cache; prompts may be padded on either side. Returns a
-        Generation; its log-probs are those of the sampled tokens under logits / temperature (see sample_logits)."""
+        Generation; its log-probs are those of the sampled tokens under logits / temperature (see sample_logits).
+        suppress_tokens: ids never sampled (captions use vision_tokens(): an <|image_pad|> in a caption
+        would be taken for an image slot when the caption is read back)."""
         with torch.inference_mode():  # cheaper than no_grad per op; the clones below are ordinary tensors again
             out = self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
-                                 temperature, top_k, top_p, greedy, eos_token_id, pad_token_id, generator)
+                                 temperature, top_k, top_p, greedy, eos_token_id, pad_token_id, generator,
+                                 suppress_tokens)
         return Generation(*(t.clone() for t in out))
 
+    def vision_tokens(self):
+        c = self.config
+        return [c.image_token_id, c.vision_start_token_id, c.vision_end_token_id]
+
     def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
-                  temperature, top_k, top_p, greedy, eos_token_id, pad_token_id, generator):
+                  temperature, top_k, top_p, greedy, eos_token_id, pad_token_id, generator, suppress_tokens):
         B, L0 = input_ids.shape
         eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
         eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=input_ids.device)
@@ -488,6 +496,8 @@ class Encoder(nn.Module):
         steps = torch.arange(max_new_tokens, device=input_ids.device)  # rotary of every decoding step at once
         cos, sin = lm.rotary((nxt[:, None] + steps).expand(3, B, -1), h.dtype)
         for step in range(max_new_tokens):
+            if suppress_tokens:
+                logits[:, suppress_tokens] = -math.inf
             tok, lp = sample_logits(logits, temperature, top_k, top_p, greedy, generator)
             tokens.append(tok.masked_fill(finished, pad))
             logprobs.append(lp.masked_fill(finished, 0.0))
@@ -528,7 +538,7 @@ class Encoder(nn.Module):
                                         c.spatial_merge_size, c.temporal_patch_size)
             pixels.append(pv)
             grids.append(grid)
-            seqs.append(tok.chat_ids(CAPTION_PROMPT, 'user', int(grid.prod()) // c.spatial_merge_size ** 2))
+            seqs.append(tok.chat_ids(c.caption_prompt, 'user', int(grid.prod()) // c.spatial_merge_size ** 2))
         L, lengths = max(map(len, seqs)), torch.tensor([len(s) for s in seqs])
         ids = torch.tensor([[tok.pad_token_id] * (L - len(s)) + s for s in seqs])
         batch = dict(input_ids=ids, attention_mask=torch.arange(L) >= (L - lengths)[:, None],
@@ -545,16 +555,26 @@ class Encoder(nn.Module):
         mask = torch.arange(tokens.shape[1]) < torch.tensor([len(s) for s in seqs])[:, None]
         return tokens.to(self.lm_head.weight.device), mask.to(self.lm_head.weight.device)
 
-    def token_logprobs(self, batch, tokens, mask, temperature=1.0):
+    def token_logprobs(self, batch, tokens, mask, temperature=1.0, entropy=False, suppress_tokens=None):
         """log p(tokens | prompt batch) under logits / temperature, (B, T), 0 where mask is False: the
-        policy's log-probs for GRPO (equal to generate()'s for the tokens it sampled) and the SFT likelihood."""
+        policy's log-probs for GRPO (equal to generate()'s for the tokens it sampled) and the SFT likelihood.
+        With entropy=True also the entropy (B, T) of each position's distribution (an RL diagnostic).
+        suppress_tokens: as in generate(), so that both see the same distribution."""
         ids = torch.cat([batch['input_ids'], tokens], 1)
         attention_mask = torch.cat([batch['attention_mask'].bool(), mask.bool()], 1)
         T = tokens.shape[1]
         logits = self(ids, attention_mask, batch.get('pixel_values'), batch.get('image_grid_thw'), num_logits=T + 1)
         logits = logits[:, :-1].float() / temperature  # position t predicts token t + 1
-        logp = logits.gather(-1, tokens[..., None])[..., 0] - logits.logsumexp(-1)
-        return logp.masked_fill(~mask.bool(), 0.0)
+        if suppress_tokens:
+            logits[..., suppress_tokens] = -math.inf
+        lse = logits.logsumexp(-1)
+        logp = (logits.gather(-1, tokens[..., None])[..., 0] - lse).masked_fill(~mask.bool(), 0.0)
+        if not entropy:
+            return logp
+        with torch.no_grad():
+            p = logits.softmax(-1)
+            ent = (lse - (p * logits.masked_fill(p == 0, 0.0)).sum(-1)).masked_fill(~mask.bool(), 0.0)
+        return logp, ent
 
     def add_lora(self, r=32, alpha=64, init='gaussian'):
         return apply_lora(self, LORA_TARGETS, r, alpha, init)

@@ -1,0 +1,75 @@
+"""The GRPO algorithm pieces against hand computations."""
+import math
+
+import pytest
+import torch
+
+from grpo import flow_grpo_loss, group_advantages, token_grpo_loss
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1., 0., 0., 1., 0.5, 0.5, 0.5, 0.5])  # two groups of 4, the second all equal
+    adv, zero_std = group_advantages(r, 4)
+    # group 1: mean 0.5, population std 0.5 -> +-0.5 / (0.5 + 1e-4)
+    a = 0.5 / (0.5 + 1e-4)
+    assert torch.allclose(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
+    assert zero_std == 0.5
+    adv, _ = group_advantages(r, 4, scale='none')
+    assert torch.allclose(adv, torch.tensor([.5, -.5, -.5, .5, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match='groups of 3'):
+        group_advantages(r, 3)
+
+
+def test_token_loss_by_hand():
+    # two sequences, three token slots, the last slot of the second is padding
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.2, -9.0]])
+    old = torch.tensor([[-1.0, -2.5, -0.5], [-1.0, -0.2, -1.0]])
+    ref = torch.tensor([[-1.2, -2.0, -0.4], [-1.5, -0.1, -3.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([2.0, -1.0])
+    eps, beta = 0.2, 0.1
+    total, n = 0.0, 0
+    for i in range(2):
+        for t in range(3):
+            if not mask[i, t]:
+                continue
+            r = math.exp(logp[i, t] - old[i, t])
+            a = adv[i].item()
+            s = min(r * a, min(max(r, 1 - eps), 1 + eps) * a)
+            d = (ref[i, t] - logp[i, t]).item()
+            total += -s + beta * (math.exp(d) - d - 1)
+            n += 1
+    loss, stats = token_grpo_loss(logp, old, adv, mask, ref_logp=ref, eps_low=eps, eps_high=eps, beta=beta)
+    assert loss.item() == pytest.approx(total / n, rel=1e-6)
+    # seq 0 token 1: ratio e^0.5 > 1.2 with a > 0 -> clipped; seq 1 token 0: ratio e^-0.5 < 0.8, a < 0 -> clipped
+    assert stats['clip_frac'] == pytest.approx(2 / 5)
+
+
+def test_on_policy_first_step_ratio_one_kl_zero():
+    logp = torch.randn(4, 7, requires_grad=True)
+    adv = torch.randn(4)
+    mask = torch.ones(4, 7)
+    loss, stats = token_grpo_loss(logp, logp.detach(), adv, mask, ref_logp=logp.detach(), beta=0.05)
+    assert stats['ratio'] == pytest.approx(1.0) and stats['kl'] == 0 and stats['clip_frac'] == 0
+    loss.backward()
+    # gradient of -ratio*A at ratio 1 is -A/(number of tokens) for every token
+    assert torch.allclose(logp.grad, (-adv[:, None] / 28).expand(4, 7))
+
+
+def test_flow_loss_by_hand():
+    logp = torch.tensor([-1.0, -1.00005, -2.0])
+    old = torch.tensor([-1.0, -1.0, -1.99])
+    adv = torch.tensor([1.0, -7.0, 2.0])  # -7 is clipped to -5
+    eps = 1e-4
+    expected = 0.0
+    for lp, lo, a in zip(logp.tolist(), old.tolist(), [1.0, -5.0, 2.0]):
+        r = math.exp(lp - lo)
+        expected += max(-a * r, -a * min(max(r, 1 - eps), 1 + eps))
+    loss, _ = flow_grpo_loss(logp, old, adv, eps=eps, adv_clip=5.0)
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-6)
+    mean = torch.randn(3, 2, 4, 4)
+    ref = mean + 0.1
+    loss_kl, stats = flow_grpo_loss(logp, old, adv, eps=eps, mean=mean, ref_mean=ref,
+                                    std=torch.tensor([0.5, 0.5, 0.5]), beta=0.1)
+    assert stats['kl'] == pytest.approx(0.01 / (2 * 0.25), rel=1e-5)
+    assert loss_kl.item() == pytest.approx(expected / 3 + 0.1 * 0.02, rel=1e-5)

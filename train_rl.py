@@ -1,0 +1,429 @@
+"""
+Unified-GRPO, the three RL stages of UAE, on the toy world (default) or on real checkpoints.
+
+    python train_rl.py --stage=g4u          # encoder LoRA learns to caption for reconstruction
+    python train_rl.py --stage=u4g          # decoder LoRA learns to reconstruct from the encoder's captions
+    python train_rl.py --stage=coldstart    # end-to-end: caption hidden states -> decoder -> 1 - similarity
+    torchrun --nproc_per_node=2 train_rl.py --stage=g4u     # DDP: gloo on CPU, nccl on GPU
+    python train_rl.py config/uae_g4u.py    # real UAE / Qwen2.5-VL / SD3.5 checkpoints
+
+The algorithm (advantages, losses, rollouts, reward) is in grpo.py; this file is the loop: data, LoRA,
+gradient all-reduce, evaluation, logging, checkpoints. Every random draw is seeded by
+(seed, step, rank), so a resumed run repeats the uninterrupted one exactly.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+import grpo
+import model_decoder as D
+from common import (autocast, configure, load_checkpoint, optimizer_from_files, optimizer_to_files,
+                    save_checkpoint, setup_distributed)
+from data.shapes import world
+from lora import apply_lora, lora_disabled, lora_layers, lora_parameters, save_peft
+from sample import config as sample_config, generate, load_uae
+
+config = dict(
+    stage='g4u',                     # coldstart | g4u | u4g
+    data_dir='data/shapes/out',
+    out_dir='',                      # default out/rl_<stage>
+    resume=False,
+    # the models (sample.py's keys); an adapter given here is loaded and kept frozen
+    **{k: sample_config[k] for k in ('llm', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled', 'negative_prompt')},
+    # the LoRA being trained (SPEC §2/§4: r=32, alpha=64; gaussian init as UAE's encoder)
+    lora_r=32, lora_alpha=64, lora_init='gaussian',
+    dit_lora_targets=['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out'],
+    steps=200, images_per_step=8, group_size=8, micro_batch=64,
+    lr=3e-4, weight_decay=0.0, grad_clip=1.0,
+    beta=0.01,                       # KL to the reference (the same model with its LoRA disabled)
+    reward={'scene': 1.0},           # metric -> weight; names: scene, pixel, clip, dinov2, dinov3, longclip
+    reward_paths={},                 # metric -> local checkpoint path for the real embedders
+    adv_scale='std',                 # 'std' (GRPO) or 'none' (only subtract the group mean)
+    # g4u: caption sampling and the token loss
+    temperature=1.0, max_new_tokens=64, eps_low=0.2, eps_high=0.28,
+    # decoding (all stages) and u4g's SDE
+    sample_steps=10, cfg=2.0, shift=1.0, size=0,
+    noise_level=0.7, sde_window=3,   # u4g: SDE (trained) on a random window of this many steps; 0 = all but the last
+    flow_eps=1e-4, adv_clip=5.0,
+    caption_temperature=0.7,         # u4g: how the frozen encoder captions (as at inference)
+    # coldstart: differentiable sampling steps
+    coldstart_steps=4,
+    # evaluation on held-out images (the validation split), logging, checkpoints
+    eval_every=25, eval_images=100, eval_steps=20, eval_temperature=0.7,
+    log_every=1, save_every=50,
+    seed=1337, device='auto', dtype='float32',
+)
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def pil(images):
+    return [Image.fromarray(np.asarray(im)) for im in images]
+
+
+def to_pixels(images, device):
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
+
+
+def all_gather_cat(x, world_size):
+    """Concatenate a tensor from every rank (rank order), so group statistics see whole groups."""
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_grads(params, world_size):
+    """Sum the LoRA gradients of all ranks (each rank's loss is already normalised by the global count)."""
+    if world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def check_ranks_in_sync(named):
+    """Raise if the trainable weights differ between ranks, else return their number. Without
+    DistributedDataParallel nothing else would notice replicas drifting apart (a missed all-reduce, a
+    rank-dependent draw). Element-wise max and min over the ranks agree exactly where all ranks do:
+    two all-reduces of one flat copy, instead of gathering every rank's copy on one GPU."""
+    flat = torch.cat([p.detach().reshape(-1).float() for p in named.values()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, dist.ReduceOp.MAX)
+    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        sizes = [p.numel() for p in named.values()]
+        bad = [n for n, h, l in zip(named, hi.split(sizes), lo.split(sizes)) if not torch.equal(h, l)]
+        raise RuntimeError(f'ranks diverged: {len(bad)} of {len(named)} trainable tensors differ '
+                           f'(max |difference| {(hi - lo).max().item():.3g}), e.g. {bad[:3]}')
+    return flat.numel()
+
+
+def plot_curves(rows, path, keys=('reward', 'caption_tokens')):
+    """The aha-moment figure: each key against the step, one panel each, drawn with PIL."""
+    W, H, pad = 640, 220, 40
+    img = Image.new('RGB', (W, H * len(keys)), 'white')
+    draw = ImageDraw.Draw(img)
+    for i, key in enumerate(keys):
+        pts = [(r['step'], r[key]) for r in rows if key in r]
+        top = i * H
+        draw.rectangle([pad, top + 20, W - 10, top + H - pad + 20], outline='gray')
+        draw.text((pad, top + 4), key, fill='black')
+        if len(pts) < 2:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        y1 = y1 if y1 > y0 else y0 + 1e-6
+        sx = lambda x: pad + (x - x0) / max(x1 - x0, 1) * (W - 10 - pad)
+        sy = lambda y: top + H - pad + 20 - (y - y0) / (y1 - y0) * (H - pad - 20)
+        draw.line([(sx(x), sy(y)) for x, y in pts], fill='navy', width=2)
+        draw.text((2, sy(y1) - 5), f'{y1:.3g}', fill='black')
+        draw.text((2, sy(y0) - 5), f'{y0:.3g}', fill='black')
+        draw.text((W - 60, top + H - pad + 24), f'step {x1}', fill='black')
+    img.save(path)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: I2T2I on held-out images, scored exactly by the toy world
+
+@torch.no_grad()
+def evaluate(cfg, enc, dit, vae, pooled, images, scenes, fixed_captions=None):
+    """Caption (temperature eval_temperature, fixed seed) then reconstruct (eval_steps, fixed noise)."""
+    from sample import caption
+    gen = torch.Generator(pooled.device).manual_seed(cfg['seed'])
+    if fixed_captions is None:
+        texts, out = caption(enc, pil(images), cfg['eval_temperature'], cfg['max_new_tokens'], generator=gen)
+        lengths = out.mask.sum(1).float()
+    else:
+        texts, lengths = fixed_captions, torch.tensor([len(enc.tokenizer.encode(t)) + 1. for t in fixed_captions])
+    recon = generate(enc, dit, vae, pooled, texts, cfg['negative_prompt'], cfg['size'] or None,
+                     cfg['eval_steps'], cfg['cfg'], cfg['shift'], gen)
+    f1 = [world.score(world.parse_image(r), s)['object_f1'] for r, s in zip(recon, scenes)]
+    recall = [world.score(world.parse_caption(t), s)['object_recall'] for t, s in zip(texts, scenes)]
+    pixel = 1 - np.abs(recon.astype(np.float32) - np.asarray(images, np.float32)).mean(axis=(1, 2, 3)) / 255
+    return dict(object_f1=float(np.mean(f1)), caption_recall=float(np.mean(recall)),
+                caption_tokens=float(lengths.mean()), pixel=float(np.mean(pixel)), example=texts[0]), texts
+
+
+# -----------------------------------------------------------------------------
+# one optimisation step per stage; each returns a dict of statistics for the log
+
+def g4u_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_size, params):
+    """Generation for understanding: G captions per image, each decoded by the frozen decoder, rewarded
+    by reconstruction similarity; token-level GRPO on the encoder's LoRA."""
+    G = cfg['group_size']
+    enc.eval()
+    batch, out = grpo.sample_captions(enc, pil(images), G, cfg['temperature'], cfg['max_new_tokens'], gen)
+    texts = [enc.tokenizer.decode(t[m].tolist(), skip_special_tokens=True) for t, m in zip(out.tokens, out.mask)]
+    # one starting noise per image, shared by its G captions: reward differences come from the captions
+    C, S = dit.config.in_channels, dit.config.sample_size
+    noise = torch.randn(len(images), C, S, S, generator=gen, device=gen.device).to(pooled.device)
+    recon = generate(enc, dit, vae, pooled, texts, cfg['negative_prompt'], cfg['size'] or None, cfg['sample_steps'],
+                     cfg['cfg'], cfg['shift'], noise=noise.repeat_interleave(G, 0))
+    rewards, metrics = reward_fn(recon, np.repeat(np.asarray(images), G, axis=0))
+    all_rewards = all_gather_cat(rewards.to(pooled.device), world_size)
+    adv, zero_std = grpo.group_advantages(all_rewards, G, cfg['adv_scale'])
+    adv = adv.view(world_size, -1)[rank]
+    mask = out.mask
+    n_tokens = mask.sum().float()
+    if world_size > 1:
+        dist.all_reduce(n_tokens)
+    stats, n = dict(kl=0.0, clip_frac=0.0, ratio=0.0, entropy=0.0), len(texts)
+    for i in range(0, n, cfg['micro_batch']):  # gradient accumulation over micro-batches
+        sl = slice(i, i + cfg['micro_batch'])
+        mb = {k: v[sl] for k, v in batch.items() if k != 'pixel_values'}
+        rows = torch.arange(n)[sl]
+        patches = batch['image_grid_thw'].prod(-1)  # pixel_values rows belonging to each image
+        start = torch.cat([torch.zeros(1, dtype=torch.long), patches.cumsum(0)])
+        mb['pixel_values'] = batch['pixel_values'][start[rows[0]]:start[rows[-1] + 1]]
+        suppress = enc.vision_tokens()
+        logp, ent = enc.token_logprobs(mb, out.tokens[sl], mask[sl], cfg['temperature'], True, suppress)
+        ref = None
+        if cfg['beta'] > 0:
+            with torch.no_grad(), lora_disabled(enc):
+                ref = enc.token_logprobs(mb, out.tokens[sl], mask[sl], cfg['temperature'], suppress_tokens=suppress)
+        loss, s = grpo.token_grpo_loss(logp, out.logprobs[sl], adv[sl], mask[sl], ref, cfg['eps_low'],
+                                       cfg['eps_high'], cfg['beta'], n_tokens=n_tokens)
+        loss.backward()
+        w = mask[sl].sum().item() / max(mask.sum().item(), 1)
+        for k in ('kl', 'clip_frac', 'ratio'):
+            stats[k] += s[k] * w
+        stats['entropy'] += (ent.sum() / mask.sum().clamp(min=1)).item()
+    all_rewards = all_rewards.float()
+    return dict(reward=all_rewards.mean().item(), reward_std=all_rewards.std().item(), zero_std=zero_std,
+                caption_tokens=out.mask.sum(1).float().mean().item(), **stats,
+                **{f'reward_{k}': v.mean().item() for k, v in metrics.items() if len(metrics) > 1})
+
+
+def u4g_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_size, params, step):
+    """Understanding for generation: one caption per image from the frozen encoder, G images per
+    caption from the SDE sampler; Flow-GRPO on the decoder's LoRA over the SDE steps."""
+    from sample import caption
+    G, T = cfg['group_size'], cfg['sample_steps']
+    with torch.no_grad():
+        texts, _ = caption(enc, pil(images), cfg['caption_temperature'], cfg['max_new_tokens'], generator=gen)
+        ctx = enc.embed_prompt(texts + [cfg['negative_prompt']])
+    n = len(texts)
+    ctx_c, neg = ctx[:n].repeat_interleave(G, 0), ctx[n:]
+    pooled_c = pooled.expand(n * G, -1)
+    # the SDE window: which denoising steps are stochastic (and trained); the same on every rank
+    window = min(cfg['sde_window'] or T - 1, T - 1)  # never the last step: it would leave noise in the image
+    start = int(np.random.default_rng([cfg['seed'], step, 7]).integers(0, T - window)) if window < T - 1 else 0
+    sde_steps = set(range(start, start + window))
+    C, S = dit.config.in_channels, dit.config.sample_size
+    noise = torch.randn(n * G, C, S, S, generator=gen, device=gen.device).to(pooled.device)
+    x0, transitions = grpo.sde_rollout(dit, ctx_c, pooled_c, neg, pooled, noise, T, cfg['cfg'], cfg['shift'],
+                                       cfg['noise_level'], sde_steps, gen)
+    recon = ((D.decode(vae, x0).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    rewards, metrics = reward_fn(recon, np.repeat(np.asarray(images), G, axis=0))
+    all_rewards = all_gather_cat(rewards.to(pooled.device), world_size)
+    adv, zero_std = grpo.group_advantages(all_rewards, G, cfg['adv_scale'])
+    adv = adv.view(world_size, -1)[rank]
+    stats = dict(kl=0.0, clip_frac=0.0, ratio=0.0)
+    n_total = n * G * world_size
+    for t in transitions:
+        for i in range(0, n * G, cfg['micro_batch']):
+            sl = slice(i, i + cfg['micro_batch'])
+            tt = dict(j=t['j'], x=t['x'][sl], x_next=t['x_next'][sl])
+            args = (ctx_c[sl], pooled_c[sl], neg, pooled, T, cfg['cfg'], cfg['shift'], cfg['noise_level'])
+            logp, mean, std = grpo.transition_logprob(dit, tt, *args)
+            ref_mean = None
+            if cfg['beta'] > 0:
+                with torch.no_grad(), lora_disabled(dit):
+                    _, ref_mean, _ = grpo.transition_logprob(dit, tt, *args)
+            loss, s = grpo.flow_grpo_loss(logp, t['log_prob'][sl], adv[sl], cfg['flow_eps'], cfg['adv_clip'],
+                                          mean, ref_mean, std, cfg['beta'])
+            # each call averages over its micro-batch: weight it to a mean over all samples and SDE steps
+            (loss * logp.shape[0] / n_total / len(transitions)).backward()  # summed over ranks later
+            for k in stats:
+                stats[k] += s[k] * logp.shape[0] / (n * G) / len(transitions)
+    all_rewards = all_rewards.float()
+    return dict(reward=all_rewards.mean().item(), reward_std=all_rewards.std().item(), zero_std=zero_std,
+                sde_steps=f'{start}-{start + window - 1}', **stats,
+                **{f'reward_{k}': v.mean().item() for k, v in metrics.items() if len(metrics) > 1})
+
+
+def coldstart_step(cfg, enc, dit, vae, pooled, images, captions, gen, world_size):
+    """End-to-end semantic reconstruction (SPEC §1-2): the encoder reads the image and its caption, the
+    caption tokens' projected hidden states condition the decoder, a few differentiable Euler steps
+    turn noise into an image, loss = 1 - pixel similarity to the original (differentiable)."""
+    batch = enc.caption_inputs(pil(images))
+    tokens, mask = enc.caption_tokens(captions)
+    ids = torch.cat([batch['input_ids'], tokens], 1)
+    h, _ = enc.hidden_states(ids, torch.cat([batch['attention_mask'], mask], 1), batch['pixel_values'],
+                             batch['image_grid_thw'])
+    ctx = enc.projector(h[:, -tokens.shape[1]:])  # (B, T, joint_dim): the caption tokens' states
+    C, S = dit.config.in_channels, dit.config.sample_size
+    x = torch.randn(len(images), C, S, S, generator=gen, device=gen.device).to(pooled.device)
+    sigmas = D.sampling_sigmas(cfg['coldstart_steps'], cfg['shift']).tolist()
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        t = torch.full((len(images),), 1000 * sigma, device=x.device)
+        x = x + (sigma_next - sigma) * dit(x, t, ctx, pooled.expand(len(images), -1)).float()
+    x = D.decode(vae, x) if vae is not None else x
+    target = to_pixels(images, x.device)
+    similarity = 1 - ((x.clamp(-1, 1) - target).abs() / 2).mean(dim=(1, 2, 3))  # pixel metric, in [0, 1]
+    loss = (1 - similarity).mean()
+    (loss / world_size).backward()  # gradients are summed over ranks
+    return dict(loss=loss.item(), reward=similarity.mean().item(), caption_tokens=mask.sum(1).float().mean().item())
+
+
+# -----------------------------------------------------------------------------
+
+def trainable(model, cfg, targets=None):
+    """The LoRA parameters to train on `model`: an adapter loaded with the model is trained further,
+    otherwise a fresh one is added (r, alpha, init from cfg)."""
+    if not lora_layers(model):
+        if targets is None:
+            model.add_lora(cfg['lora_r'], cfg['lora_alpha'], cfg['lora_init'])
+        else:
+            apply_lora(model, targets, cfg['lora_r'], cfg['lora_alpha'], cfg['lora_init'])
+    params = lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def named_trainables(enc, dit):
+    return {f'{prefix}.{n}': p for prefix, m in (('enc', enc), ('dit', dit))
+            for n, p in m.named_parameters() if p.requires_grad}
+
+
+def main():
+    cfg = configure(config)
+    stage = cfg['stage']
+    if stage not in ('coldstart', 'g4u', 'u4g'):
+        raise ValueError(f"--stage must be coldstart, g4u or u4g, got {stage!r}")
+    out_dir = cfg['out_dir'] or f'out/rl_{stage}'
+    rank, world_size, device = setup_distributed(cfg['device'])
+    master = rank == 0
+    if cfg['images_per_step'] % world_size:
+        raise ValueError(f"images_per_step {cfg['images_per_step']} must be a multiple of the {world_size} ranks")
+    torch.manual_seed(cfg['seed'])  # identical fresh LoRA weights on every rank
+    enc, dit, vae, pooled = load_uae(cfg, device)
+    enc.requires_grad_(False)
+    dit.requires_grad_(False)
+    if stage in ('g4u', 'coldstart'):
+        trainable(enc, cfg)
+    if stage in ('u4g', 'coldstart'):
+        trainable(dit, cfg, cfg['dit_lora_targets'])
+    if stage == 'coldstart':
+        enc.projector.requires_grad_(True)
+    named = named_trainables(enc, dit)
+    names, params = list(named), list(named.values())
+    opt = torch.optim.AdamW(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+    reward_fn = grpo.Reward(cfg['reward'], cfg['reward_paths'], device) if stage != 'coldstart' else None
+
+    train_images, train_records = world.load_split(os.path.join(cfg['data_dir'], 'train'))
+    val_images, val_records = world.load_split(os.path.join(cfg['data_dir'], 'val'))
+    val_images, val_scenes = val_images[:cfg['eval_images']], [r['scene'] for r in val_records[:cfg['eval_images']]]
+
+    step, ckpt, rows = 0, os.path.join(out_dir, 'ckpt'), []
+    if cfg['resume']:
+        weights, meta = load_checkpoint(ckpt)
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(weights['trainable'][n])
+        osd = optimizer_from_files(weights['optimizer'], meta['optimizer'])
+        osd['state'] = {names.index(n): s for n, s in osd['state'].items()}
+        osd['param_groups'] = [dict(g, params=[names.index(n) for n in g['params']]) for g in osd['param_groups']]
+        opt.load_state_dict(osd)
+        step, rows = meta['step'], meta['rows']
+        if master:
+            print(f'resuming {ckpt} at step {step}')
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"{stage}: training {sum(p.numel() for p in params) / 1e6:.3f}M parameters "
+              f"({len(params)} tensors), {world_size} rank(s), {cfg['images_per_step']} images x "
+              f"{cfg['group_size'] if stage != 'coldstart' else 1} per step")
+
+    # u4g is judged on fixed captions from the frozen encoder, so only the decoder can move the number
+    fixed = None
+    if stage == 'u4g' and master:
+        from sample import caption
+        fixed = caption(enc, pil(val_images), cfg['eval_temperature'], cfg['max_new_tokens'],
+                        generator=torch.Generator(device).manual_seed(cfg['seed']))[0]
+
+    def run_eval(step):
+        with autocast(device, cfg['dtype']):
+            result, _ = evaluate(cfg, enc, dit, vae, pooled, val_images, val_scenes, fixed)
+        rows.append(dict(step=step, **{f'val_{k}': v for k, v in result.items()}))
+        print(f"eval step {step}: object F1 {result['object_f1']:.3f} | caption recall {result['caption_recall']:.3f} "
+              f"| caption tokens {result['caption_tokens']:.1f} | pixel {result['pixel']:.4f} | {result['example']!r}",
+              flush=True)
+        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(rows[-1]) + '\n')
+
+    def save(step):
+        osd = opt.state_dict()  # keyed by parameter index: stored by name so the file explains itself
+        osd = dict(state={names[i]: s for i, s in osd['state'].items()},
+                   param_groups=[dict(g, params=[names[i] for i in g['params']]) for g in osd['param_groups']])
+        tensors, rest = optimizer_to_files(osd)
+        save_checkpoint(ckpt, dict(trainable={n: p.detach() for n, p in named.items()}, optimizer=tensors),
+                        dict(config=cfg, step=step, optimizer=rest, rows=rows,
+                             rng='every draw is seeded by (seed, step, rank)'))
+        if stage in ('g4u', 'coldstart'):
+            save_peft(enc, os.path.join(out_dir, 'llm_lora'), cfg['llm'])
+        if stage in ('u4g', 'coldstart'):
+            save_peft(dit, os.path.join(out_dir, 'dit_lora'), cfg['dit'])
+        if stage == 'coldstart':
+            enc.save_pretrained(os.path.join(out_dir, 'llm'))  # its projector was trained too
+        plot_curves(rows, os.path.join(out_dir, 'curves.png'),
+                    ('reward', 'caption_tokens', 'val_object_f1') if stage != 'coldstart' else ('loss', 'val_object_f1'))
+
+    if master and step == 0:
+        run_eval(0)
+    per_rank = cfg['images_per_step'] // world_size
+    t_start, step_start = time.time(), step
+    while step < cfg['steps']:
+        t0 = time.time()
+        rng = np.random.default_rng([cfg['seed'], step])
+        idx = rng.choice(len(train_records), cfg['images_per_step'], replace=False)[rank * per_rank:(rank + 1) * per_rank]
+        images = np.stack([train_images[i] for i in idx])
+        gen = torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + step * 1000 + rank)
+        with autocast(device, cfg['dtype']):
+            if stage == 'g4u':
+                stats = g4u_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_size, params)
+            elif stage == 'u4g':
+                stats = u4g_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_size, params, step)
+            else:
+                captions = [train_records[i]['captions']['complete'] for i in idx]
+                stats = coldstart_step(cfg, enc, dit, vae, pooled, images, captions, gen, world_size)
+        all_reduce_grads(params, world_size)
+        stats['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(params, cfg['grad_clip']))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        stats = dict(step=step, step_time=time.time() - t0, **stats)
+        if master:
+            rows.append(stats)
+            with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+                f.write(json.dumps(stats) + '\n')
+            if step % cfg['log_every'] == 0:
+                eta = (cfg['steps'] - step) * (time.time() - t_start) / (step - step_start)
+                print(f'step {step}/{cfg["steps"]} | ' + ' | '.join(
+                    f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in stats.items() if k != 'step')
+                    + f' | ETA {eta / 60:.1f} min', flush=True)
+            if step % cfg['eval_every'] == 0 or step == cfg['steps']:
+                run_eval(step)
+            if step % cfg['save_every'] == 0 or step == cfg['steps']:
+                save(step)
+        if world_size > 1:
+            dist.barrier()  # the others wait while rank 0 evaluates and saves
+    if world_size > 1:
+        n = check_ranks_in_sync(named)
+        if master:
+            print(f'ranks in sync: {n} parameters ({len(named)} tensors) identical on {world_size} ranks')
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,450 @@
+"""
+Supervised stages on the toy world (or your own data in the same layout).
+
+    python train_sft.py --model=encoder     # captioning SFT: a terse captioner (mostly short captions)
+    python train_sft.py --model=decoder     # long-caption text-to-image SFT, conditioned like UAE
+    torchrun --nproc_per_node=2 train_sft.py --model=decoder      # DDP (gloo on CPU, nccl on GPU)
+    python train_sft.py --model=decoder --resume=True             # continue exactly where it stopped
+
+The decoder is conditioned as in UAE (SPEC §2): the frozen encoder's LLM reads the caption in the
+`generate` chat template, its last-layer hidden states go through the (trained) projector into the
+DiT. Trained: projector + DiT (the paper's stage 0). Every `save_every` steps a checkpoint directory
+is written atomically: weights (safetensors), optimizer state, meta.json (resolved config, step, data
+position). Random draws are a function of (seed, step), so a resumed run repeats an uninterrupted one.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import model_decoder as D
+from common import (autocast, configure, load_checkpoint, load_safetensors, optimizer_from_files,
+                    optimizer_to_files, save_checkpoint, save_safetensors, setup_distributed)
+from data.shapes import world
+from model_encoder import Encoder
+
+config = dict(
+    model='decoder',            # 'encoder' (captioning) or 'decoder' (text-to-image)
+    data_dir='data/shapes/out',  # written by data/shapes/prepare.py
+    out_dir='',                 # default: out/sft_<model>
+    arch='',                    # architecture json to train from scratch; default config/toy_<model>.json
+    init_from='',               # or start from a checkpoint directory (encoder: Encoder dir; decoder: a run dir)
+    encoder='checkpoints/toy/llm',  # decoder SFT: the encoder whose frozen LLM conditions the DiT
+    resume=False,               # continue from out_dir/ckpt
+    # probability of each caption detail level (data/shapes/world.CAPTION_LEVELS); None = the model's default:
+    # the encoder becomes a terse captioner that sometimes says more, the decoder learns long captions
+    levels=None,
+    caption_dropout=0.1,        # decoder: empty caption this often, for classifier-free guidance
+    max_steps=3000,
+    batch_size=64,              # global batch, split across ranks and accumulation steps
+    grad_accum=1,
+    lr=1e-3, min_lr=1e-4, warmup=100, weight_decay=0.0, beta1=0.9, beta2=0.99, grad_clip=1.0,
+    ema=0.999,                  # decoder: EMA of the weights, used for sampling and saving; 0 = off
+    dtype='float32',            # 'bfloat16' runs the model under bf16 autocast
+    fsdp=False,                 # shard parameters, gradients and optimizer state with FSDP2 (big decoders)
+    grad_checkpointing=False,
+    train_only='',              # comma-separated name parts: train only the parameters whose names contain one
+    log_every=10, eval_every=250, save_every=250,
+    eval_images=64, sample_steps=20, sample_cfg=2.0, sample_shift=1.0,
+    seed=1337, device='auto',
+)
+DEFAULT_LEVELS = dict(encoder={'one': 0.35, 'short': 0.35, 'some': 0.15, 'complete': 0.15},
+                      decoder={'complete': 1.0})
+
+# -----------------------------------------------------------------------------
+# data: one global batch per step, drawn from (seed, step), each rank takes its slice
+
+def batch_indices(step, n, batch_size, seed):
+    """Index of the step's global batch: epochs are permutations of the data set, so a resumed run
+    reads exactly what the uninterrupted one would have read."""
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def pick_captions(records, idx, levels, rng):
+    names = list(levels)
+    p = np.array([levels[k] for k in names], dtype=np.float64)
+    choice = rng.choice(len(names), size=len(idx), p=p / p.sum())
+    return [records[i]['captions'][names[c]] for i, c in zip(idx, choice)]
+
+
+def to_pixels(images):
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_uint8(x):
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(rows, path):
+    """rows: list of uint8 (N, H, W, 3) arrays of equal N -> one PNG, a row per array."""
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+
+
+# -----------------------------------------------------------------------------
+# the two models being trained
+
+class TextToImage(torch.nn.Module):
+    """What decoder SFT trains: UAE's projector and the DiT. The LLM that reads the caption is frozen
+    and stays outside, so DDP/FSDP see only trainable parameters."""
+
+    def __init__(self, projector, dit):
+        super().__init__()
+        self.projector, self.dit = projector, dit
+
+    def forward(self, x, timestep, hidden, pooled):  # hidden: (B, L, llm_hidden) frozen LLM states
+        return self.dit(x, timestep, self.projector(hidden), pooled)
+
+
+def read_arch(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f'cannot read architecture file {path}: {e}') from None
+
+
+def build_encoder(cfg, device):
+    if cfg['init_from']:
+        enc = Encoder.from_pretrained(cfg['init_from'], device=device)
+    else:
+        from model_encoder import EncoderConfig, Tokenizer
+        path = cfg['arch'] or 'config/toy_encoder.json'
+        enc = Encoder(EncoderConfig.from_hf(read_arch(path), path), Tokenizer.from_pretrained('data/shapes')).to(device)
+    enc.min_pixels = enc.max_pixels = world.IMAGE * world.IMAGE  # toy images are used at their size
+    if enc.projector is not None:
+        enc.projector.requires_grad_(False)  # captioning does not use it: keep DDP's gradient sets equal
+    return enc
+
+
+def build_decoder(cfg, device, train_images):
+    """(TextToImage to train, frozen encoder, constant pooled vector (1, P), latent codec)."""
+    enc = Encoder.from_pretrained(cfg['encoder'], device=device).requires_grad_(False).eval()
+    if cfg['init_from']:
+        dit = D.MMDiT.from_pretrained(os.path.join(cfg['init_from'], 'dit'), device=device)
+        enc.projector.load_state_dict(Encoder.from_pretrained(os.path.join(cfg['init_from'], 'llm')).projector.state_dict())
+        pooled = load_safetensors(os.path.join(cfg['init_from'], 'pooled.safetensors'))['pooled']
+        codec = D.LinearCodec.load(os.path.join(cfg['init_from'], 'codec.safetensors'), device)
+    else:
+        path = cfg['arch'] or 'config/toy_decoder.json'
+        dit = D.MMDiT(D.MMDiTConfig.from_dict(read_arch(path), path)).to(device)
+        # UAE's pooled vector is a constant (SD3's embedding of the empty prompt); the toy's is a fixed draw
+        pooled = torch.randn(dit.config.pooled_projection_dim, generator=torch.Generator().manual_seed(0))
+        # the toy's latent space (see model_decoder.LinearCodec), fitted to the first training images
+        patch = world.IMAGE // dit.config.sample_size
+        codec = D.LinearCodec.fit(to_pixels(train_images[:4096]), patch, dit.config.in_channels).to(device)
+    dit.gradient_checkpointing = cfg['grad_checkpointing']
+    model = TextToImage(enc.projector, dit).requires_grad_(True)
+    return model, enc, pooled.to(device).view(1, -1), codec
+
+
+# -----------------------------------------------------------------------------
+# losses
+
+def decoder_loss(model, enc, pooled, codec, images, captions, sigma, noise, pad_to=''):
+    """Flow-matching loss (mean over the micro-batch) on the codec's latents given captions; sigma (B,)
+    and noise (B, C, h, w) are drawn for the whole global batch, so the split across ranks changes nothing.
+    pad_to: the global batch's longest caption. UAE's context has no mask (SPEC §2): the padding is part
+    of the input, so every micro-batch is padded to the length the whole batch would have."""
+    x0 = D.encode(codec, to_pixels(images).to(pooled.device))
+    with torch.no_grad():
+        hidden = enc.prompt_hidden(list(captions) + [pad_to])[:-1]
+    return D.flow_matching_loss(model, x0, hidden, pooled.expand(len(captions), -1), sigma=sigma, noise=noise)
+
+
+def encoder_nll(model, enc, images, captions):
+    """Summed negative log-likelihood of the caption tokens (+ <|im_end|>) after the captioning prompt."""
+    batch = enc.caption_inputs([Image.fromarray(np.asarray(im)) for im in images])
+    tokens, mask = enc.caption_tokens(captions)
+    return -(model(batch, tokens, mask) * mask).sum()
+
+
+class CaptionScorer(torch.nn.Module):
+    """Wraps Encoder.token_logprobs as a forward(), so DDP/FSDP see the call that uses the weights."""
+
+    def __init__(self, enc):
+        super().__init__()
+        self.enc = enc
+
+    def forward(self, batch, tokens, mask):
+        return self.enc.token_logprobs(batch, tokens, mask)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: the toy world's exact score of what came back
+
+@torch.no_grad()
+def evaluate(cfg, kind, train_model, enc, pooled, codec, val_images, val_records, out_dir, step, device):
+    n = min(cfg['eval_images'], len(val_records))
+    images, records = val_images[:n], val_records[:n]
+    truth = [r['scene'] for r in records]
+    gen = torch.Generator(device).manual_seed(cfg['seed'])
+    if kind == 'decoder':
+        dit = train_model.dit
+        captions = [r['captions']['complete'] for r in records]
+        ctx = enc.embed_prompt(captions + [''])  # right-padded together, the empty prompt last (SPEC §2)
+        x = D.sample(dit, ctx[:n], pooled.expand(n, -1), ctx[n:], pooled, steps=cfg['sample_steps'],
+                     cfg=cfg['sample_cfg'], shift=cfg['sample_shift'], generator=gen)
+        recon = to_uint8(D.decode(codec, x))
+        scores = [world.score(world.parse_image(r), t) for r, t in zip(recon, truth)]
+        save_grid([np.asarray(images[:16]), recon[:16]], os.path.join(out_dir, f'samples_{step:06d}.png'))
+        return {k: float(np.mean([s[k] for s in scores])) for k in ('object_f1', 'shape_f1', 'color_f1', 'size_f1', 'cell_f1')}
+    batch = enc.caption_inputs([Image.fromarray(np.asarray(im)) for im in images])
+    if hasattr(enc, 'unshard'):  # FSDP2: generate() bypasses enc.forward, whose hook would gather the weights
+        enc.unshard()
+    # sampled as at inference (temperature 0.7, fixed seed): greedy decoding of a captioner trained on a
+    # mixture of detail levels only ever shows the most common level
+    out = enc.generate(**batch, max_new_tokens=64, temperature=0.7, generator=gen, suppress_tokens=enc.vision_tokens())
+    if hasattr(enc, 'reshard'):
+        enc.reshard()
+    texts = [enc.tokenizer.decode(t[m].tolist(), skip_special_tokens=True) for t, m in zip(out.tokens, out.mask)]
+    scores = [world.score(world.parse_caption(t), s) for t, s in zip(texts, truth)]
+    mean = lambda k: float(np.mean([s[k] for s in scores]))
+    return dict(object_recall=mean('object_recall'), color_precision=mean('color_precision'),
+                shape_precision=mean('shape_precision'), caption_tokens=float(out.mask.sum(1).float().mean()),
+                example=texts[0])
+
+
+# -----------------------------------------------------------------------------
+# distributed wrapping and full (unsharded) state for checkpoints
+
+def wrap(model, cfg, world_size, device):
+    if cfg['fsdp']:
+        from torch.distributed.fsdp import fully_shard
+        blocks = model.dit.transformer_blocks if isinstance(model, TextToImage) else model.enc.model.language_model.layers
+        for block in blocks:  # one all-gather per block: only one block's full weights live at a time
+            fully_shard(block)
+        for sub in ((model.dit, model.projector) if isinstance(model, TextToImage) else (model.enc,)):
+            fully_shard(sub)
+        return fully_shard(model)
+    if world_size > 1:
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
+    return model
+
+
+def full_tensor(t):
+    return (t.full_tensor() if hasattr(t, 'full_tensor') else t).detach().cpu()
+
+
+@torch.no_grad()
+def load_into(t, full):
+    """Copy a full tensor into t, which may be an FSDP shard (DTensor)."""
+    if hasattr(t, 'device_mesh'):
+        full = torch.distributed.tensor.distribute_tensor(full.to(t.device), t.device_mesh, t.placements)
+    t.copy_(full)
+
+
+def full_state(model, opt):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
+
+
+def load_full_state(model, opt, model_state, optim_state):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=opts)
+    set_optimizer_state_dict(model, opt, optim_state, options=opts)
+
+
+@torch.no_grad()
+def swap(params, other):
+    """Exchange the values of two lists of tensors (used to evaluate and export the EMA weights)."""
+    for p, q in zip(params, other):
+        tmp = p.detach().clone()
+        p.copy_(q)
+        q.copy_(tmp)
+
+
+def export(cfg, kind, state, raw, enc, pooled, codec, out_dir):
+    """The artefacts other scripts read: llm/ (encoder, with the projector) and, for the decoder,
+    dit/ (diffusers format), pooled.safetensors and codec.safetensors. `state`: the full state dict of
+    `raw` to export."""
+    if kind == 'encoder':
+        cpu = Encoder(enc.config, enc.tokenizer)
+        cpu.load_weights({k[len('enc.'):]: v for k, v in state.items()}, 'export')
+        cpu.min_pixels, cpu.max_pixels = enc.min_pixels, enc.max_pixels
+        cpu.save_pretrained(os.path.join(out_dir, 'llm'))
+        return
+    llm = Encoder.from_pretrained(cfg['encoder'])
+    llm.projector.load_state_dict({k[len('projector.'):]: v for k, v in state.items() if k.startswith('projector.')})
+    llm.save_pretrained(os.path.join(out_dir, 'llm'))
+    dit = D.MMDiT(raw.dit.config)
+    dit.load_state_dict({k[len('dit.'):]: v for k, v in state.items() if k.startswith('dit.')})
+    dit.save_pretrained(os.path.join(out_dir, 'dit'))
+    save_safetensors({'pooled': pooled.view(-1)}, os.path.join(out_dir, 'pooled.safetensors'))
+    codec.save(os.path.join(out_dir, 'codec.safetensors'))
+
+
+# -----------------------------------------------------------------------------
+
+def main():
+    cfg = configure(config)
+    kind = cfg['model']
+    if kind not in ('encoder', 'decoder'):
+        raise ValueError(f"--model must be 'encoder' or 'decoder', got {kind!r}")
+    levels = cfg['levels'] or DEFAULT_LEVELS[kind]
+    out_dir = cfg['out_dir'] or f'out/sft_{kind}'
+    rank, world_size, device = setup_distributed(cfg['device'])
+    master = rank == 0
+    B, accum = cfg['batch_size'], cfg['grad_accum']
+    if B % (world_size * accum):
+        raise ValueError(f'batch_size {B} must be a multiple of ranks x grad_accum = {world_size * accum}')
+    per_rank = B // world_size
+    micro = per_rank // accum
+    torch.manual_seed(cfg['seed'])  # same initial weights on every rank
+
+    train_images, train_records = world.load_split(os.path.join(cfg['data_dir'], 'train'))
+    val_images, val_records = world.load_split(os.path.join(cfg['data_dir'], 'val'))
+    if kind == 'decoder':
+        raw, enc, pooled, codec = build_decoder(cfg, device, train_images)
+    else:
+        enc, pooled, codec = build_encoder(cfg, device), None, None
+        raw = CaptionScorer(enc)
+    if cfg['train_only']:  # e.g. 'model.visual.': improve the captioner's eyes without moving its LLM,
+        # which conditions an already trained decoder
+        for n, p in raw.named_parameters():
+            p.requires_grad_(p.requires_grad and any(s in n for s in cfg['train_only'].split(',')))
+    params = [p for p in raw.parameters() if p.requires_grad]
+    names = [n for n, p in raw.named_parameters() if p.requires_grad]
+    model = wrap(raw, cfg, world_size, device)
+    params = [p for p in raw.parameters() if p.requires_grad]  # FSDP replaced them by sharded ones
+    opt = torch.optim.AdamW(params, lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']),
+                            weight_decay=cfg['weight_decay'], foreach=True)
+    ema = [p.detach().clone() for p in params] if (kind == 'decoder' and cfg['ema'] > 0) else None
+
+    step = 0
+    ckpt = os.path.join(out_dir, 'ckpt')
+    if cfg['resume']:
+        weights, meta = load_checkpoint(ckpt)
+        osd = optimizer_from_files(weights['optimizer'], meta['optimizer'])
+        load_full_state(model, opt, weights['model'], osd)
+        if ema is not None:
+            for n, e in zip(names, ema):
+                load_into(e, weights['ema'][n])
+        if kind == 'decoder':
+            pooled = weights['pooled']['pooled'].to(device).view(1, -1)
+        step = meta['step']
+        changed = {k: (meta['config'][k], v) for k, v in cfg.items() if meta['config'].get(k) != v}
+        if master:
+            print(f'resuming {ckpt} at step {step}' + (f'; config changes: {changed}' if changed else ''))
+
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+        print(f'{kind} SFT: {n_params / 1e6:.2f}M trainable parameters, {len(train_records)} training scenes, '
+              f'{world_size} rank(s), global batch {B} = {world_size} x {accum} x {micro}')
+    log = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master else None
+
+    def checkpoint(step):
+        model_state, optim_state = full_state(model, opt)
+        ema_state = {n: full_tensor(e) for n, e in zip(names, ema)} if ema is not None else None
+        if master:
+            tensors, rest = optimizer_to_files(optim_state)
+            weights = dict(model=model_state, optimizer=tensors)
+            if ema_state is not None:
+                weights['ema'] = ema_state
+            if pooled is not None:
+                weights['pooled'] = {'pooled': pooled.view(-1)}
+            save_checkpoint(ckpt, weights, dict(config=cfg, step=step, optimizer=rest,
+                                                data_position=step * B, world_size=world_size,
+                                                rng='every draw is seeded by (seed, step)'))
+        if ema is not None:
+            swap(params, ema)
+        state = {}
+        for k, v in raw.state_dict().items():  # FSDP: gathering is a collective, every rank takes part
+            t = full_tensor(v)
+            if master:  # only rank 0 keeps the full weights
+                state[k] = t
+        if master:  # before swapping back: on the CPU, state shares memory with the parameters
+            export(cfg, kind, state, raw, enc, pooled, codec, out_dir)
+        if ema is not None:
+            swap(params, ema)
+
+    t0, t_start, step_start = time.time(), time.time(), step
+    while step < cfg['max_steps']:
+        lr = cfg['lr'] * min(1.0, (step + 1) / cfg['warmup'])
+        if step >= cfg['warmup']:  # cosine decay to min_lr
+            frac = (step - cfg['warmup']) / max(1, cfg['max_steps'] - cfg['warmup'])
+            lr = cfg['min_lr'] + 0.5 * (cfg['lr'] - cfg['min_lr']) * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g['lr'] = lr
+        idx = batch_indices(step, len(train_records), B, cfg['seed'])
+        rng = np.random.default_rng([cfg['seed'], step, 1])
+        captions = pick_captions(train_records, idx, levels, rng)
+        gen = torch.Generator().manual_seed(cfg['seed'] * 1_000_003 + step)
+        if kind == 'decoder':
+            drop = rng.random(B) < cfg['caption_dropout']
+            captions = ['' if d else c for c, d in zip(captions, drop)]
+            longest = max(captions, key=lambda c: len(enc.tokenizer.encode(c)))
+            sigma = D.sample_sigmas_train(B, 1.0, gen)
+            c = raw.dit.config
+            noise = torch.randn(B, c.in_channels, c.sample_size, c.sample_size, generator=gen)
+        else:
+            n_tokens = enc.caption_tokens(captions)[1].sum()  # normalise by the global token count
+        total = torch.zeros((), device=device)
+        for m in range(accum):
+            sl = slice(rank * per_rank + m * micro, rank * per_rank + (m + 1) * micro)
+            imgs = np.stack([train_images[i] for i in idx[sl]])
+            last = m == accum - 1 or not hasattr(model, 'no_sync')  # DDP: all-reduce on the last micro-batch only
+            with (contextlib.nullcontext() if last else model.no_sync()), autocast(device, cfg['dtype']):
+                if kind == 'decoder':
+                    loss = decoder_loss(model, enc, pooled, codec, imgs, captions[sl], sigma[sl].to(device),
+                                        noise[sl].to(device), longest) / accum
+                else:
+                    loss = encoder_nll(model, enc, imgs, captions[sl]) * world_size / n_tokens
+            loss.backward()
+            total += loss.detach()
+        if world_size > 1:
+            dist.all_reduce(total)
+            total /= world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg['grad_clip'])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:  # warm-up: early on the average would be mostly the random initialisation
+            decay = min(cfg['ema'], (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        step += 1
+
+        if master and (step % cfg['log_every'] == 0 or step == cfg['max_steps']):
+            dt = time.time() - t0
+            rate = (step - step_start) / (time.time() - t_start)
+            eta = (cfg['max_steps'] - step) / max(rate, 1e-9)
+            print(f'step {step}/{cfg["max_steps"]} | loss {total.item():.4f} | grad {float(full_tensor(grad_norm)):.2f} '
+                  f'| lr {lr:.2e} | {rate:.2f} it/s | ETA {eta / 60:.1f} min', flush=True)
+            log.write(json.dumps(dict(step=step, loss=total.item(), lr=lr, time=time.time() - t_start)) + '\n')
+            log.flush()
+            t0 = time.time()
+        if step % cfg['eval_every'] == 0 or step == cfg['max_steps']:
+            if cfg['fsdp'] or master:  # FSDP: every rank takes part in gathering the weights
+                if ema is not None:
+                    swap(params, ema)
+                val = evaluate(cfg, kind, raw, enc, pooled, codec, val_images, val_records, out_dir, step, device)
+                if ema is not None:
+                    swap(params, ema)
+                if master:
+                    print(f'eval step {step}: ' + ', '.join(f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v!r}'
+                                                        for k, v in val.items()), flush=True)
+                    log.write(json.dumps(dict(step=step, **{f'val_{k}': v for k, v in val.items()})) + '\n')
+                    log.flush()
+        if step % cfg['save_every'] == 0 or step == cfg['max_steps']:
+            checkpoint(step)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
