@@ -270,7 +270,8 @@ def coldstart_step(cfg, enc, dit, vae, pooled, images, captions, gen, world_size
         x = x + (sigma_next - sigma) * dit(x, t, ctx, pooled.expand(len(images), -1)).float()
     x = D.decode(vae, x) if vae is not None else x
     target = to_pixels(images, x.device)
-    similarity = 1 - ((x.clamp(-1, 1) - target).abs() / 2).mean(dim=(1, 2, 3))  # pixel metric, in [0, 1]
+    # the pixel metric (1 - mean |a - b| on [0, 1] images), unclamped so that every pixel has a gradient
+    similarity = 1 - ((x - target).abs() / 2).mean(dim=(1, 2, 3))
     loss = (1 - similarity).mean()
     (loss / world_size).backward()  # gradients are summed over ranks
     return dict(loss=loss.item(), reward=similarity.mean().item(), caption_tokens=mask.sum(1).float().mean().item())

@@ -3,3 +3,12 @@ import sys
 
 # tests import the top-level modules (common, lora, model_decoder, ...) from the repo root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The Triton kernels run in Triton's interpreter on a machine without CUDA; the variable must be set
+# before anything imports triton, and some test modules import libraries that do.
+try:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault('TRITON_INTERPRET', '1')
+except ImportError:
+    pass

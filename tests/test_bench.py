@@ -18,7 +18,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from bench import bench_unibench, match_pairs
 from common import save_safetensors
 from data.shapes import world
-from model_decoder import MMDiT, MMDiTConfig
+from model_decoder import LinearCodec, MMDiT, MMDiTConfig
 from model_encoder import Encoder, EncoderConfig, Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,7 +180,12 @@ def tiny_uae(tmp_path_factory):
     with open(os.path.join(REPO, 'config', 'toy_decoder.json')) as f:
         MMDiT(MMDiTConfig.from_dict(json.load(f))).save_pretrained(str(d / 'dit'))
     save_safetensors({'pooled': torch.randn(64)}, str(d / 'pooled.safetensors'))
-    return [f'--llm={d / "llm"}', f'--dit={d / "dit"}', f'--pooled={d / "pooled.safetensors"}']
+    # the toy decoder's latent space, fitted to a few rendered scenes
+    rng = np.random.default_rng(0)
+    scenes = np.stack([world.render(world.sample_scene(rng)) for _ in range(64)])
+    LinearCodec.fit(torch.from_numpy(scenes).permute(0, 3, 1, 2).float() / 127.5 - 1, 16, 27).save(str(d / 'codec.safetensors'))
+    return [f'--llm={d / "llm"}', f'--dit={d / "dit"}', f'--pooled={d / "pooled.safetensors"}',
+            f'--vae={d / "codec.safetensors"}']
 
 
 def test_images_mode_saves_scores_and_resumes(tmp_path, tiny_uae):
