@@ -53,7 +53,7 @@ VISION_KEYS = dict(vision_depth='depth', vision_hidden_size='hidden_size', visio
                    temporal_patch_size='temporal_patch_size', spatial_merge_size='spatial_merge_size',
                    fullatt_block_indexes='fullatt_block_indexes', in_channels='in_channels')
 TOP_KEYS = ('tie_word_embeddings', 'image_token_id', 'vision_start_token_id', 'vision_end_token_id',
-            'projector_hidden_size', 'projector_out_size', 'caption_prompt')
+            'projector_hidden_size', 'projector_out_size', 'caption_prompt', 'prompt_layer')
 
 
 @dataclass
@@ -87,6 +87,10 @@ class EncoderConfig:
     projector_hidden_size: int | None = None  # UAE: Linear(hidden, 8192) -> GELU -> Linear(8192, 4096)
     projector_out_size: int | None = None
     caption_prompt: str = CAPTION_PROMPT  # the toy world uses a short one: every prompt token costs compute
+    # which LLM layer's output conditions the decoder: None = the last, after the final norm (UAE, SPEC §2).
+    # A tiny LLM trained on captions whose words are independent keeps little of them in its last layer
+    # (it only keeps what predicts the next token), so the toy world may condition on an earlier one
+    prompt_layer: int | None = None
 
     @classmethod
     def from_hf(cls, cfg, source='config.json'):
@@ -325,9 +329,10 @@ class LanguageModel(nn.Module):  # Qwen2 with M-RoPE
         emb = torch.cat([freqs, freqs], -1)[:, None]  # (B, 1, L, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, x, positions, key_valid=None, cache=None, pos=0, rope=None):
+    def forward(self, x, positions, key_valid=None, cache=None, pos=0, rope=None, num_layers=None):
         """x: (B, L, D) embeddings; key_valid: (B, pos + L) bool or None (all valid); rope: precomputed
-        rotary(positions). Returns the hidden states after the final norm."""
+        rotary(positions). Returns the hidden states after the final norm (of the first num_layers layers
+        when given)."""
         B, L, _ = x.shape
         mask, causal = None, L > 1 and pos == 0
         if key_valid is not None and not bool(key_valid.all()):
@@ -341,7 +346,7 @@ class LanguageModel(nn.Module):  # Qwen2 with M-RoPE
             mask = (torch.arange(pos + L, device=x.device) <= torch.arange(pos, pos + L, device=x.device)[:, None])
             causal = False
         cos, sin = rope or self.rotary(positions, x.dtype)
-        for layer in self.layers:
+        for layer in self.layers[:num_layers]:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, causal, cache, pos, use_reentrant=False)
             else:
@@ -440,8 +445,10 @@ class Encoder(nn.Module):
             raise ValueError('image_grid_thw has more images than input_ids has image tokens')
         return pos.to(input_ids.device), nxt.to(input_ids.device)
 
-    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, cache=None):
-        """Last-layer hidden states after the final RMSNorm (B, L, hidden), and each row's next position."""
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, cache=None,
+                      num_layers=None):
+        """Last-layer hidden states after the final RMSNorm (B, L, hidden), and each row's next position.
+        num_layers: stop after that many layers (then the final norm)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         x = self.model.language_model.embed_tokens(input_ids)
@@ -452,7 +459,7 @@ class Encoder(nn.Module):
                 raise ValueError(f'{int(slots.sum())} image tokens in input_ids, {feats.shape[0]} image features')
             x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
         positions, nxt = self.rope_positions(input_ids, attention_mask, image_grid_thw)
-        return self.model.language_model(x, positions, attention_mask.bool(), cache), nxt
+        return self.model.language_model(x, positions, attention_mask.bool(), cache, num_layers=num_layers), nxt
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, num_logits=None):
         """Logits (B, L, vocab), or of the last num_logits positions only (memory: the vocabulary is large)."""
@@ -521,7 +528,7 @@ class Encoder(nn.Module):
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s)
         ids = ids.to(self.lm_head.weight.device)
-        return self.hidden_states(ids, ids != tok.pad_token_id)[0]
+        return self.hidden_states(ids, ids != tok.pad_token_id, num_layers=self.config.prompt_layer)[0]
 
     def embed_prompt(self, texts, tokenizer=None):
         """The decoder's context: projector(prompt_hidden(texts)), (B, L, projector_out_size)."""

@@ -40,9 +40,10 @@ config = dict(
     # probability of each caption detail level (data/shapes/world.CAPTION_LEVELS); None = the model's default:
     # the encoder becomes a terse captioner that sometimes says more, the decoder learns long captions
     levels=None,
-    caption_dropout=0.1,        # decoder: empty caption this often, for classifier-free guidance
-    max_steps=3000,
-    batch_size=64,              # global batch, split across ranks and accumulation steps
+    caption_dropout=0.1,
+    prompt_layer=None,          # decoder: condition on this LLM layer instead of the last (model_encoder.EncoderConfig)        # decoder: empty caption this often, for classifier-free guidance
+    max_steps=2500,
+    batch_size=32,              # global batch, split across ranks and accumulation steps
     grad_accum=1,
     lr=1e-3, min_lr=1e-4, warmup=100, weight_decay=0.0, beta1=0.9, beta2=0.99, grad_clip=1.0,
     ema=0.999,                  # decoder: EMA of the weights, used for sampling and saving; 0 = off
@@ -139,6 +140,8 @@ def build_encoder(cfg, device):
 def build_decoder(cfg, device, train_images):
     """(TextToImage to train, frozen encoder, constant pooled vector (1, P), latent codec)."""
     enc = Encoder.from_pretrained(cfg['encoder'], device=device).requires_grad_(False).eval()
+    if cfg['prompt_layer'] is not None:  # exported with the llm/ directory, so every later user agrees
+        enc.config.prompt_layer = cfg['prompt_layer']
     if cfg['init_from']:
         dit = D.MMDiT.from_pretrained(os.path.join(cfg['init_from'], 'dit'), device=device)
         enc.projector.load_state_dict(Encoder.from_pretrained(os.path.join(cfg['init_from'], 'llm')).projector.state_dict())
@@ -301,6 +304,7 @@ def export(cfg, kind, state, raw, enc, pooled, codec, out_dir):
         cpu.save_pretrained(os.path.join(out_dir, 'llm'))
         return
     llm = Encoder.from_pretrained(cfg['encoder'])
+    llm.config.prompt_layer = enc.config.prompt_layer
     llm.projector.load_state_dict({k[len('projector.'):]: v for k, v in state.items() if k.startswith('projector.')})
     llm.save_pretrained(os.path.join(out_dir, 'llm'))
     dit = D.MMDiT(raw.dit.config)
