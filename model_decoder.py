@@ -288,6 +288,24 @@ class MMDiT(nn.Module):
         self.norm_out = Modulation(D, 2)  # (scale, shift)
         self.proj_out = nn.Linear(D, p * p * cfg.out_channels)
 
+    @torch.no_grad()
+    def initialize_weights(self):
+        """DiT's recipe for training from scratch (checkpoints bring their own weights): Xavier linear
+        layers, and zero for every adaLN modulation and the output projection, so each block starts as
+        the identity and the model as a zero velocity ("adaLN-Zero"). With PyTorch's default init the
+        random gates and scales of a fresh model slowed the toy decoder down."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, Modulation):
+                nn.init.zeros_(m.linear.weight)
+                nn.init.zeros_(m.linear.bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
     def cropped_pos_embed(self, h, w):
         """The centre h x w window of the pos-embed grid -> (1, h*w, D)."""
         M = self.config.pos_embed_max_size

@@ -150,6 +150,7 @@ def build_decoder(cfg, device, train_images):
     else:
         path = cfg['arch'] or 'config/toy_decoder.json'
         dit = D.MMDiT(D.MMDiTConfig.from_dict(read_arch(path), path)).to(device)
+        dit.initialize_weights()
         # UAE's pooled vector is a constant (SD3's embedding of the empty prompt); the toy's is a fixed draw
         pooled = torch.randn(dit.config.pooled_projection_dim, generator=torch.Generator().manual_seed(0))
         # the toy's latent space (see model_decoder.LinearCodec), fitted to the first training images

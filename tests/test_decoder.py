@@ -335,3 +335,17 @@ def test_vae_helpers(tmp_path):
         assert torch.allclose(z, (raw - 0.0609) * 1.5305, atol=1e-6)
         assert torch.allclose(md.decode(loaded, z), vae.decode(raw).sample, atol=1e-5)
     assert md.encode(None, pixels) is pixels and md.decode(None, pixels) is pixels
+
+
+def test_initialize_weights_starts_at_zero_velocity():
+    """adaLN-Zero: a freshly initialised model predicts zero velocity; the loss still reaches the output
+    projection, and the blocks' modulations are in the graph."""
+    torch.manual_seed(0)
+    model = MMDiT(MMDiTConfig(**TINY, qk_norm='rms_norm'))
+    model.initialize_weights()
+    x, t, c, p = inputs(B=2)
+    out = model(x, t, c, p)
+    assert torch.equal(out, torch.zeros_like(out))
+    (out - x).square().mean().backward()
+    assert model.proj_out.weight.grad.abs().sum() > 0
+    assert model.transformer_blocks[0].norm1.linear.weight.grad is not None
