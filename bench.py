@@ -234,11 +234,12 @@ def bench_attention(args):
         sys.exit('--task attention needs a CUDA GPU: on the CPU the Triton kernels run only in the '
                  'interpreter (TRITON_INTERPRET=1), which is far too slow to time')
     from kernels.attention import flash_attention
+    gpu = dict(device=pick_device(), dtype=torch.bfloat16, requires_grad=True)  # CUDA, checked above
     rows = []
     for name, B, H, Hkv, N, D, causal in ATTENTION_SHAPES:
-        q = torch.randn(B, H, N, D, device='cuda', dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(B, Hkv, N, D, device='cuda', dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(B, Hkv, N, D, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+        q = torch.randn(B, H, N, D, **gpu)
+        k = torch.randn(B, Hkv, N, D, **gpu)
+        v = torch.randn(B, Hkv, N, D, **gpu)
         do = torch.randn_like(q)
         impls = {'SDPA': lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != Hkv),
                  'Triton': lambda: flash_attention(q, k, v, causal=causal)}

@@ -2,7 +2,7 @@
 The image embedders that score a reconstruction against its original: Unified-Bench (bench.py) and the
 RL reward use this one file, so a bench number and a reward mean the same thing.
 
-    emb = load_embedder('dinov2', '/ckpt/dinov2-large', device='cuda', dtype='bfloat16')
+    emb = load_embedder('dinov2', '/ckpt/dinov2-large', device=device, dtype='bfloat16')
     a, b = emb.embed(originals), emb.embed(reconstructions)   # (N, D) float32, one row per PIL image
     scores = emb.similarity(a, b)                               # (N,) row-wise; a may be (1, D) vs (N, D)
 
