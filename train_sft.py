@@ -50,7 +50,7 @@ config = dict(
     dtype='float32',            # 'bfloat16' runs the model under bf16 autocast
     fsdp=False,                 # shard parameters, gradients and optimizer state with FSDP2 (big decoders)
     grad_checkpointing=False,
-    train_only='',
+    train_only='',              # comma-separated name parts: train only the parameters whose names contain one
     # encoder: the vision tower is frozen at its random initialisation for the first steps, then trained
     # at vision_lr x lr. Trained jointly from the start, a random LLM's gradients wash the shape information
     # out of the vision features (measured: colour learnt, shape at chance); frozen, a linear probe reads
@@ -59,7 +59,7 @@ config = dict(
     # encoder: weight of language modelling on the captions inside the `generate` template (text only).
     # A small LLM trained only to caption gives nearly the same last-layer states for every text prompt
     # (measured cosine 0.99+), and those states are what condition the decoder (SPEC §2)
-    lm_weight=0.5,              # comma-separated name parts: train only the parameters whose names contain one
+    lm_weight=0.5,
     log_every=10, eval_every=250, save_every=250,
     # decoder: SD3's timestep shift for training and sampling. The toy's latents are easy to denoise from
     # moderate noise (a cell is one of ~150 clean patterns), so the caption only matters at high noise:
@@ -348,14 +348,14 @@ def main():
         # which conditions an already trained decoder
         for n, p in raw.named_parameters():
             p.requires_grad_(p.requires_grad and any(s in n for s in cfg['train_only'].split(',')))
-    params = [p for p in raw.parameters() if p.requires_grad]
-    names = [n for n, p in raw.named_parameters() if p.requires_grad]
     model = wrap(raw, cfg, world_size, device)
-    params = [p for p in raw.parameters() if p.requires_grad]  # FSDP replaced them by sharded ones
+    # read after wrapping: FSDP replaces the parameters by sharded ones
+    names = [n for n, p in raw.named_parameters() if p.requires_grad]
+    params = [p for p in raw.parameters() if p.requires_grad]
     # encoder: the vision tower in a group of its own (frozen, then slower: see freeze_vision_steps)
-    names_now = [n for n, p in raw.named_parameters() if p.requires_grad]
-    vision = [p for n, p in zip(names_now, params) if kind == 'encoder' and '.visual.' in n]
-    rest = [p for n, p in zip(names_now, params) if not (kind == 'encoder' and '.visual.' in n)]
+    is_vision = [kind == 'encoder' and '.visual.' in n for n in names]
+    vision = [p for p, v in zip(params, is_vision) if v]
+    rest = [p for p, v in zip(params, is_vision) if not v]
     groups = [dict(params=rest, scale=1.0)] + ([dict(params=vision, scale=cfg['vision_lr'])] if vision else [])
     opt = torch.optim.AdamW(groups, lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']),
                             weight_decay=cfg['weight_decay'], foreach=True)

@@ -12,3 +12,17 @@ try:
         os.environ.setdefault('TRITON_INTERPRET', '1')
 except ImportError:
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is far faster than two competing ones (and
+    matches the torchrun ranks, started with OMP_NUM_THREADS=1)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -34,13 +34,7 @@ TINY_RUN = dict(images_per_step=2, group_size=2, sample_steps=3, max_new_tokens=
                 reward={'pixel': 1.0})
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The machine is shared: one thread here, as in the torchrun ranks (OMP_NUM_THREADS=1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

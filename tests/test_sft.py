@@ -48,6 +48,9 @@ def tiny_archs(directory):
     return paths
 
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
 @pytest.fixture(scope='module')
 def toy(tmp_path_factory):
     """A tiny prepared world, tiny architectures and a tiny random encoder (the decoder's frozen LLM)."""
@@ -95,15 +98,6 @@ def logged_losses(out_dir):
 @pytest.fixture(autouse=True)
 def at_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the scripts' default paths (tokenizer, configs) are relative to the repo
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: one thread is ~10x faster than two competing ones
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope='module')
