@@ -293,3 +293,11 @@ def load_checkpoint(directory):
     weights = {os.path.basename(f)[:-len('.safetensors')]: load_safetensors(os.path.join(directory, f))
                for f in sorted(os.listdir(directory)) if f.endswith('.safetensors')}
     return weights, meta
+
+
+def teardown_distributed():
+    """Leave torch.distributed together: a rank tearing gloo down while another still talks to it can
+    abort the process at exit ('terminate called without an active exception', seen in CI)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 import grpo
 import model_decoder as D
 from common import (autocast, configure, load_checkpoint, optimizer_from_files, optimizer_to_files,
-                    save_checkpoint, setup_distributed)
+                    save_checkpoint, setup_distributed, teardown_distributed)
 from data.shapes import world
 from lora import apply_lora, lora_disabled, lora_layers, lora_parameters, save_peft
 from sample import config as sample_config, generate, load_uae
@@ -423,7 +423,7 @@ def main():
         n = check_ranks_in_sync(named)
         if master:
             print(f'ranks in sync: {n} parameters ({len(named)} tensors) identical on {world_size} ranks')
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 if __name__ == '__main__':

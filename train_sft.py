@@ -25,7 +25,8 @@ from PIL import Image
 
 import model_decoder as D
 from common import (autocast, configure, load_checkpoint, load_safetensors, optimizer_from_files,
-                    optimizer_to_files, save_checkpoint, save_safetensors, setup_distributed)
+                    optimizer_to_files, save_checkpoint, save_safetensors, setup_distributed,
+                    teardown_distributed)
 from data.shapes import world
 from model_encoder import Encoder
 
@@ -484,7 +485,7 @@ def main():
         if step % cfg['save_every'] == 0 or step == cfg['max_steps']:
             checkpoint(step)
     if world_size > 1:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 if __name__ == '__main__':
