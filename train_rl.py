@@ -5,10 +5,11 @@ Unified-GRPO, the three RL stages of UAE, on the toy world (default) or on real 
     python train_rl.py --stage=u4g          # decoder LoRA learns to reconstruct from the encoder's captions
     python train_rl.py --stage=coldstart    # end-to-end: caption hidden states -> decoder -> 1 - similarity
     torchrun --nproc_per_node=2 train_rl.py --stage=g4u     # DDP: gloo on CPU, nccl on GPU
-    python train_rl.py config/uae_g4u.py    # real UAE / Qwen2.5-VL / SD3.5 checkpoints
+    python train_rl.py config/uae_g4u.py    # real UAE / Qwen2.5-VL / SD3.5 checkpoints on a folder of images
 
-The algorithm (advantages, losses, rollouts, reward) is in grpo.py; this file is the loop: data, LoRA,
-gradient all-reduce, evaluation, logging, checkpoints. Every random draw is seeded by
+data_dir is the toy world (prepare.py's splits, scored exactly: object F1) or a folder of real images with
+train/ and val/ subfolders (scored by the reward's embedders). The algorithm (advantages, losses, rollouts,
+reward) is in grpo.py; this file is the loop: data, LoRA, gradient all-reduce, evaluation, logging, checkpoints. Every random draw is seeded by
 (seed, step, rank), so a resumed run repeats the uninterrupted one exactly.
 """
 import json
@@ -26,14 +27,15 @@ from common import (autocast, configure, load_checkpoint, optimizer_from_files, 
                     save_checkpoint, setup_distributed, teardown_distributed)
 from data.shapes import world
 from lora import apply_lora, lora_disabled, lora_layers, lora_parameters, save_peft
-from sample import config as sample_config, generate, load_uae
+from model_encoder import load_image
+from sample import caption, config as sample_config, generate, load_uae
 
 config = dict(
     stage='g4u',                     # coldstart | g4u | u4g
-    data_dir='data/shapes/out',
+    data_dir='data/shapes/out',      # the toy world, or a folder of images: train/ and val/ of png/jpg/jpeg/webp
     out_dir='',                      # default out/rl_<stage>
     resume=False,
-    # the models (sample.py's keys); an adapter given here is loaded and kept frozen
+    # the models (sample.py's keys); an adapter given here is loaded: trained further if its model is, else frozen
     **{k: sample_config[k] for k in ('llm', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled', 'negative_prompt')},
     # the LoRA being trained (SPEC §2/§4: r=32, alpha=64; gaussian init as UAE's encoder)
     lora_r=32, lora_alpha=64, lora_init='gaussian',
@@ -47,14 +49,19 @@ config = dict(
     # g4u: caption sampling and the token loss
     temperature=1.0, max_new_tokens=64, eps_low=0.2, eps_high=0.28,
     # decoding (all stages) and u4g's SDE
-    sample_steps=10, cfg=2.0, shift=1.0, size=0,
+    # shift 3.0: the toy decoder is trained and sampled with it (train_sft's train_shift / sample_shift), as
+    # SD3.5 is (SPEC §2); rollouts on another schedule would reward images the decoder never makes
+    sample_steps=10, cfg=2.0, shift=3.0,
+    size=0,                          # image size in pixels; 0 = the decoder's native size (real images are cropped to it)
     noise_level=0.7, sde_window=3,   # u4g: SDE (trained) on a random window of this many steps; 0 = all but the last
     flow_eps=1e-4, adv_clip=5.0,
-    caption_temperature=0.7,         # u4g: how the frozen encoder captions (as at inference)
+    caption_temperature=0.7,         # u4g, coldstart on real images: how the encoder captions (as at inference)
     # coldstart: differentiable sampling steps
     coldstart_steps=4,
+    grad_checkpointing=False,        # the DiT recomputes each block in the backward pass (real models: the README's memory plan)
     # evaluation on held-out images (the validation split), logging, checkpoints
     eval_every=25, eval_images=100, eval_steps=20, eval_temperature=0.7,
+    eval_batch=0,                    # held-out images captioned / reconstructed at once; 0 = all
     log_every=1, save_every=50,
     seed=1337, device='auto', dtype='float32',
 )
@@ -89,6 +96,19 @@ def all_reduce_grads(params, world_size):
     dist.all_reduce(flat)
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = g.view_as(p)
+
+
+def rollout_rewards(reward_fn, recon, originals, world_size, device):
+    """Rewards of this rank's rollouts, gathered from every rank (rank order) -> (rewards for the advantages,
+    log dict). Each metric is gathered before several are mixed, so that the z-scores of the mix (grpo.Reward)
+    see the whole batch however it is split across ranks. The logged reward is the weighted mean of the raw
+    similarities: a mix of z-scores averages 0 over any batch."""
+    m = {k: all_gather_cat(v.to(device), world_size).float() for k, v in reward_fn.metrics(recon, originals).items()}
+    w = reward_fn.weights
+    mixed = next(iter(m.values())) if len(m) == 1 else sum(w[k] * grpo.zscore(v) for k, v in m.items())
+    raw = sum(w[k] * v for k, v in m.items()) / sum(w.values())
+    return mixed, dict(reward=raw.mean().item(), reward_std=raw.std().item(),
+                       **{f'reward_{k}': v.mean().item() for k, v in m.items() if len(m) > 1})
 
 
 def check_ranks_in_sync(named):
@@ -133,20 +153,93 @@ def plot_curves(rows, path, keys=('reward', 'caption_tokens')):
 
 
 # -----------------------------------------------------------------------------
-# evaluation: I2T2I on held-out images, scored exactly by the toy world
+# data: the toy world, or a folder of real images read a batch at a time
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp')
+
+
+def image_size(cfg, dit, vae):
+    """The decoder's images in pixels: cfg size, or its native size (as sample.generate)."""
+    return cfg['size'] or dit.config.sample_size * (vae.factor if vae is not None else 1)
+
+
+def latent_shape(cfg, dit, vae):
+    """(C, h, w) that the DiT denoises for an image of image_size pixels."""
+    S = image_size(cfg, dit, vae) // (vae.factor if vae is not None else 1)
+    return dit.config.in_channels, S, S
+
+
+def image_files(directory):
+    """The image files directly in directory, sorted by name."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f'{directory} is not a directory: data_dir must be the toy world (train/scenes.jsonl, '
+                                'made by data/shapes/prepare.py) or a folder of images with train/ and val/ subfolders')
+    names = sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ValueError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {directory}')
+    return [os.path.join(directory, f) for f in names]
+
+
+def square_image(path, size):
+    """An image file as (size, size, 3) uint8: shortest edge resized to size (bicubic), centre crop. The
+    decoder draws squares: the encoder sees this crop and the reward compares the reconstruction with it."""
+    image = load_image(path)  # an unreadable file is a ValueError naming it
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(image.resize((w, h), Image.BICUBIC).crop((left, top, left + size, top + size)))
+
+
+def load_data(cfg, size):
+    """(number of training images, batch(indices) -> (uint8 images (B, H, W, 3), captions or None),
+    held-out images, their scenes or None). The toy world brings scenes and reference captions; a real
+    folder has neither, and is read a batch at a time (it can be large), its first eval_images val images once."""
+    n_val = cfg['eval_images']
+    if os.path.exists(os.path.join(cfg['data_dir'], 'train', 'scenes.jsonl')):
+        images, records = world.load_split(os.path.join(cfg['data_dir'], 'train'))
+        val_images, val_records = world.load_split(os.path.join(cfg['data_dir'], 'val'))
+        batch = lambda idx: (np.stack([images[i] for i in idx]), [records[i]['captions']['complete'] for i in idx])
+        return len(records), batch, val_images[:n_val], [r['scene'] for r in val_records[:n_val]]
+    files = image_files(os.path.join(cfg['data_dir'], 'train'))
+    val_images = np.stack([square_image(f, size) for f in image_files(os.path.join(cfg['data_dir'], 'val'))[:n_val]])
+    return len(files), lambda idx: (np.stack([square_image(files[i], size) for i in idx]), None), val_images, None
+
+
+# -----------------------------------------------------------------------------
+# evaluation: I2T2I on held-out images, scored exactly by the toy world or by the reward's embedders
 
 @torch.no_grad()
-def evaluate(cfg, enc, dit, vae, pooled, images, scenes, fixed_captions=None):
-    """Caption (temperature eval_temperature, fixed seed) then reconstruct (eval_steps, fixed noise)."""
-    from sample import caption
+def eval_captions(cfg, enc, images, gen):
+    """Captions of held-out images at eval_temperature, eval_batch images at a time (0 = all), and their
+    lengths in tokens (B,)."""
+    bs, texts, lengths = cfg['eval_batch'] or len(images), [], []
+    for i in range(0, len(images), bs):
+        t, out = caption(enc, pil(images[i:i + bs]), cfg['eval_temperature'], cfg['max_new_tokens'], generator=gen)
+        texts += t
+        lengths.append(out.mask.sum(1).float().cpu())
+    return texts, torch.cat(lengths)
+
+
+@torch.no_grad()
+def evaluate(cfg, enc, dit, vae, pooled, images, scenes=None, fixed_captions=None, reward_fn=None):
+    """Caption (fixed seed) unless captions are given, then reconstruct (eval_steps, fixed noise).
+    Toy world (scenes given): object F1 of the reconstructions, caption recall, pixel similarity.
+    Real images: each reward metric's mean similarity, and as `reward` their weighted mean (of the raw
+    similarities: the z-scores that mix them in training average to 0 over any batch)."""
     gen = torch.Generator(pooled.device).manual_seed(cfg['seed'])
     if fixed_captions is None:
-        texts, out = caption(enc, pil(images), cfg['eval_temperature'], cfg['max_new_tokens'], generator=gen)
-        lengths = out.mask.sum(1).float()
+        texts, lengths = eval_captions(cfg, enc, images, gen)
     else:
         texts, lengths = fixed_captions, torch.tensor([len(enc.tokenizer.encode(t)) + 1. for t in fixed_captions])
-    recon = generate(enc, dit, vae, pooled, texts, cfg['negative_prompt'], cfg['size'] or None,
-                     cfg['eval_steps'], cfg['cfg'], cfg['shift'], gen)
+    bs = cfg['eval_batch'] or len(images)
+    recon = np.concatenate([generate(enc, dit, vae, pooled, texts[i:i + bs], cfg['negative_prompt'], cfg['size'] or None,
+                                     cfg['eval_steps'], cfg['cfg'], cfg['shift'], gen) for i in range(0, len(texts), bs)])
+    if scenes is None:
+        means = {k: v.float().mean().item() for k, v in reward_fn.metrics(recon, np.asarray(images)).items()}
+        w = reward_fn.weights
+        return dict(reward=sum(w[k] * v for k, v in means.items()) / sum(w.values()),
+                    **{f'reward_{k}': v for k, v in means.items() if len(means) > 1},
+                    caption_tokens=float(lengths.mean()), example=texts[0]), texts
     f1 = [world.score(world.parse_image(r), s)['object_f1'] for r, s in zip(recon, scenes)]
     recall = [world.score(world.parse_caption(t), s)['object_recall'] for t, s in zip(texts, scenes)]
     pixel = 1 - np.abs(recon.astype(np.float32) - np.asarray(images, np.float32)).mean(axis=(1, 2, 3)) / 255
@@ -165,12 +258,11 @@ def g4u_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_siz
     batch, out = grpo.sample_captions(enc, pil(images), G, cfg['temperature'], cfg['max_new_tokens'], gen)
     texts = [enc.tokenizer.decode(t[m].tolist(), skip_special_tokens=True) for t, m in zip(out.tokens, out.mask)]
     # one starting noise per image, shared by its G captions: reward differences come from the captions
-    C, S = dit.config.in_channels, dit.config.sample_size
-    noise = torch.randn(len(images), C, S, S, generator=gen, device=gen.device).to(pooled.device)
+    noise = torch.randn(len(images), *latent_shape(cfg, dit, vae), generator=gen, device=gen.device).to(pooled.device)
     recon = generate(enc, dit, vae, pooled, texts, cfg['negative_prompt'], cfg['size'] or None, cfg['sample_steps'],
                      cfg['cfg'], cfg['shift'], noise=noise.repeat_interleave(G, 0))
-    rewards, metrics = reward_fn(recon, np.repeat(np.asarray(images), G, axis=0))
-    all_rewards = all_gather_cat(rewards.to(pooled.device), world_size)
+    all_rewards, reward_log = rollout_rewards(reward_fn, recon, np.repeat(np.asarray(images), G, axis=0), world_size,
+                                              pooled.device)
     adv, zero_std = grpo.group_advantages(all_rewards, G, cfg['adv_scale'])
     adv = adv.view(world_size, -1)[rank]
     mask = out.mask
@@ -198,16 +290,12 @@ def g4u_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_siz
         for k in ('kl', 'clip_frac', 'ratio'):
             stats[k] += s[k] * w
         stats['entropy'] += (ent.sum() / mask.sum().clamp(min=1)).item()
-    all_rewards = all_rewards.float()
-    return dict(reward=all_rewards.mean().item(), reward_std=all_rewards.std().item(), zero_std=zero_std,
-                caption_tokens=out.mask.sum(1).float().mean().item(), **stats,
-                **{f'reward_{k}': v.mean().item() for k, v in metrics.items() if len(metrics) > 1})
+    return dict(reward_log, zero_std=zero_std, caption_tokens=out.mask.sum(1).float().mean().item(), **stats)
 
 
 def u4g_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_size, params, step):
     """Understanding for generation: one caption per image from the frozen encoder, G images per
     caption from the SDE sampler; Flow-GRPO on the decoder's LoRA over the SDE steps."""
-    from sample import caption
     G, T = cfg['group_size'], cfg['sample_steps']
     with torch.no_grad():
         texts, _ = caption(enc, pil(images), cfg['caption_temperature'], cfg['max_new_tokens'], generator=gen)
@@ -219,13 +307,12 @@ def u4g_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_siz
     window = min(cfg['sde_window'] or T - 1, T - 1)  # never the last step: it would leave noise in the image
     start = int(np.random.default_rng([cfg['seed'], step, 7]).integers(0, T - window)) if window < T - 1 else 0
     sde_steps = set(range(start, start + window))
-    C, S = dit.config.in_channels, dit.config.sample_size
-    noise = torch.randn(n * G, C, S, S, generator=gen, device=gen.device).to(pooled.device)
+    noise = torch.randn(n * G, *latent_shape(cfg, dit, vae), generator=gen, device=gen.device).to(pooled.device)
     x0, transitions = grpo.sde_rollout(dit, ctx_c, pooled_c, neg, pooled, noise, T, cfg['cfg'], cfg['shift'],
                                        cfg['noise_level'], sde_steps, gen)
     recon = ((D.decode(vae, x0).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    rewards, metrics = reward_fn(recon, np.repeat(np.asarray(images), G, axis=0))
-    all_rewards = all_gather_cat(rewards.to(pooled.device), world_size)
+    all_rewards, reward_log = rollout_rewards(reward_fn, recon, np.repeat(np.asarray(images), G, axis=0), world_size,
+                                              pooled.device)
     adv, zero_std = grpo.group_advantages(all_rewards, G, cfg['adv_scale'])
     adv = adv.view(world_size, -1)[rank]
     stats = dict(kl=0.0, clip_frac=0.0, ratio=0.0)
@@ -246,24 +333,24 @@ def u4g_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_siz
             (loss * logp.shape[0] / n_total / len(transitions)).backward()  # summed over ranks later
             for k in stats:
                 stats[k] += s[k] * logp.shape[0] / (n * G) / len(transitions)
-    all_rewards = all_rewards.float()
-    return dict(reward=all_rewards.mean().item(), reward_std=all_rewards.std().item(), zero_std=zero_std,
-                sde_steps=f'{start}-{start + window - 1}', **stats,
-                **{f'reward_{k}': v.mean().item() for k, v in metrics.items() if len(metrics) > 1})
+    return dict(reward_log, zero_std=zero_std, sde_steps=f'{start}-{start + window - 1}', **stats)
 
 
 def coldstart_step(cfg, enc, dit, vae, pooled, images, captions, gen, world_size):
     """End-to-end semantic reconstruction (SPEC §1-2): the encoder reads the image and its caption, the
     caption tokens' projected hidden states condition the decoder, a few differentiable Euler steps
-    turn noise into an image, loss = 1 - pixel similarity to the original (differentiable)."""
+    turn noise into an image, loss = 1 - pixel similarity to the original (differentiable).
+    captions None (real images come without): the encoder's own, sampled at caption_temperature."""
+    if captions is None:
+        captions, _ = caption(enc, pil(images), cfg['caption_temperature'], cfg['max_new_tokens'], generator=gen)
     batch = enc.caption_inputs(pil(images))
     tokens, mask = enc.caption_tokens(captions)
     ids = torch.cat([batch['input_ids'], tokens], 1)
+    # the layer the decoder is conditioned on (Encoder.prompt_hidden): the last unless prompt_layer is set
     h, _ = enc.hidden_states(ids, torch.cat([batch['attention_mask'], mask], 1), batch['pixel_values'],
-                             batch['image_grid_thw'])
+                             batch['image_grid_thw'], num_layers=enc.config.prompt_layer)
     ctx = enc.projector(h[:, -tokens.shape[1]:])  # (B, T, joint_dim): the caption tokens' states
-    C, S = dit.config.in_channels, dit.config.sample_size
-    x = torch.randn(len(images), C, S, S, generator=gen, device=gen.device).to(pooled.device)
+    x = torch.randn(len(images), *latent_shape(cfg, dit, vae), generator=gen, device=gen.device).to(pooled.device)
     sigmas = D.sampling_sigmas(cfg['coldstart_steps'], cfg['shift']).tolist()
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         t = torch.full((len(images),), 1000 * sigma, device=x.device)
@@ -312,6 +399,7 @@ def main():
     enc, dit, vae, pooled = load_uae(cfg, device)
     enc.requires_grad_(False)
     dit.requires_grad_(False)
+    dit.gradient_checkpointing = cfg['grad_checkpointing']
     if stage in ('g4u', 'coldstart'):
         trainable(enc, cfg)
     if stage in ('u4g', 'coldstart'):
@@ -321,11 +409,12 @@ def main():
     named = named_trainables(enc, dit)
     names, params = list(named), list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
-    reward_fn = grpo.Reward(cfg['reward'], cfg['reward_paths'], device) if stage != 'coldstart' else None
-
-    train_images, train_records = world.load_split(os.path.join(cfg['data_dir'], 'train'))
-    val_images, val_records = world.load_split(os.path.join(cfg['data_dir'], 'val'))
-    val_images, val_scenes = val_images[:cfg['eval_images']], [r['scene'] for r in val_records[:cfg['eval_images']]]
+    n_train, train_batch, val_images, val_scenes = load_data(cfg, image_size(cfg, dit, vae))
+    if n_train < cfg['images_per_step']:
+        raise ValueError(f"{cfg['data_dir']}: {n_train} training images, fewer than images_per_step={cfg['images_per_step']}")
+    toy = val_scenes is not None
+    # the reward scores rollouts, and real held-out reconstructions (the toy's are scored exactly)
+    reward_fn = grpo.Reward(cfg['reward'], cfg['reward_paths'], device) if stage != 'coldstart' or not toy else None
 
     step, ckpt, rows = 0, os.path.join(out_dir, 'ckpt'), []
     if cfg['resume']:
@@ -349,17 +438,17 @@ def main():
     # u4g is judged on fixed captions from the frozen encoder, so only the decoder can move the number
     fixed = None
     if stage == 'u4g' and master:
-        from sample import caption
-        fixed = caption(enc, pil(val_images), cfg['eval_temperature'], cfg['max_new_tokens'],
-                        generator=torch.Generator(device).manual_seed(cfg['seed']))[0]
+        with autocast(device, cfg['dtype']):
+            fixed = eval_captions(cfg, enc, val_images, torch.Generator(device).manual_seed(cfg['seed']))[0]
 
     def run_eval(step):
         with autocast(device, cfg['dtype']):
-            result, _ = evaluate(cfg, enc, dit, vae, pooled, val_images, val_scenes, fixed)
+            result, _ = evaluate(cfg, enc, dit, vae, pooled, val_images, val_scenes, fixed, reward_fn)
         rows.append(dict(step=step, **{f'val_{k}': v for k, v in result.items()}))
-        print(f"eval step {step}: object F1 {result['object_f1']:.3f} | caption recall {result['caption_recall']:.3f} "
-              f"| caption tokens {result['caption_tokens']:.1f} | pixel {result['pixel']:.4f} | {result['example']!r}",
-              flush=True)
+        score = (f"object F1 {result['object_f1']:.3f} | caption recall {result['caption_recall']:.3f}" if toy else
+                 ' | '.join(f'{k} {v:.4f}' for k, v in result.items() if k.startswith('reward')))
+        print(f"eval step {step}: {score} | caption tokens {result['caption_tokens']:.1f}"
+              + (f" | pixel {result['pixel']:.4f}" if toy else '') + f" | {result['example']!r}", flush=True)
         with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
             f.write(json.dumps(rows[-1]) + '\n')
 
@@ -377,8 +466,9 @@ def main():
             save_peft(dit, os.path.join(out_dir, 'dit_lora'), cfg['dit'])
         if stage == 'coldstart':
             enc.save_pretrained(os.path.join(out_dir, 'llm'))  # its projector was trained too
+        val = 'val_object_f1' if toy else 'val_reward'
         plot_curves(rows, os.path.join(out_dir, 'curves.png'),
-                    ('reward', 'caption_tokens', 'val_object_f1') if stage != 'coldstart' else ('loss', 'val_object_f1'))
+                    ('reward', 'caption_tokens', val) if stage != 'coldstart' else ('loss', val))
 
     if master and step == 0:
         run_eval(0)
@@ -387,8 +477,8 @@ def main():
     while step < cfg['steps']:
         t0 = time.time()
         rng = np.random.default_rng([cfg['seed'], step])
-        idx = rng.choice(len(train_records), cfg['images_per_step'], replace=False)[rank * per_rank:(rank + 1) * per_rank]
-        images = np.stack([train_images[i] for i in idx])
+        idx = rng.choice(n_train, cfg['images_per_step'], replace=False)[rank * per_rank:(rank + 1) * per_rank]
+        images, captions = train_batch(idx)
         gen = torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + step * 1000 + rank)
         with autocast(device, cfg['dtype']):
             if stage == 'g4u':
@@ -396,7 +486,6 @@ def main():
             elif stage == 'u4g':
                 stats = u4g_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_size, params, step)
             else:
-                captions = [train_records[i]['captions']['complete'] for i in idx]
                 stats = coldstart_step(cfg, enc, dit, vae, pooled, images, captions, gen, world_size)
         all_reduce_grads(params, world_size)
         stats['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(params, cfg['grad_clip']))

@@ -374,7 +374,7 @@ def main():
         if kind == 'decoder':
             pooled = weights['pooled']['pooled'].to(device).view(1, -1)
         step = meta['step']
-        changed = {k: (meta['config'][k], v) for k, v in cfg.items() if meta['config'].get(k) != v}
+        changed = {k: (meta['config'].get(k), v) for k, v in cfg.items() if meta['config'].get(k) != v}
         if master:
             print(f'resuming {ckpt} at step {step}' + (f'; config changes: {changed}' if changed else ''))
 

@@ -1,7 +1,8 @@
 """Unified-GRPO end to end on tiny random checkpoints (CPU): the rollouts of grpo.py are on-policy (stored
 log-probs equal their re-evaluation, ratio 1 and KL 0 on the first step), train_rl.py under torchrun keeps
-both ranks identical, resume is exact, coldstart lowers its loss, and the saved PEFT adapters reproduce
-the trained model.
+both ranks identical, resume is exact, coldstart lowers its loss, the saved PEFT adapters reproduce
+the trained model; a folder of image files (real data) trains and is evaluated by the reward; the real-model
+config files parse.
 
 Rewards are the pixel metric here, not the toy scene score: random models draw nothing the parser
 recognises, so every scene reward would be 0, every advantage 0, and no weight would ever move (a resume
@@ -67,7 +68,7 @@ def toy(tmp_path_factory):
 
 
 def cli(toy, stage, out_dir, **overrides):
-    opts = dict(stage=stage, out_dir=str(out_dir), **toy.paths, **TINY_RUN, **overrides)
+    opts = {'stage': stage, 'out_dir': str(out_dir), **toy.paths, **TINY_RUN, **overrides}  # later keys win
     return [f'--{k}={v}' if isinstance(v, str) else f'--{k}={v!r}' for k, v in opts.items()]
 
 
@@ -294,3 +295,110 @@ def test_saved_adapters_reproduce_the_trained_model(toy, coldstart_run):
         with_lora = dit(x, t, c, pooled)
         with lora_disabled(dit):
             assert (dit(x, t, c, pooled) - with_lora).abs().max() > 1e-4
+
+
+# -----------------------------------------------------------------------------
+# real data: a folder of images (train/ and val/), scored by the reward's embedders; the config files
+
+
+@pytest.fixture(scope='module')
+def image_folder(toy):
+    """Toy images written as files, as a real folder would hold them: PNGs, one JPEG, one wider than tall
+    (its centre is the toy image, its sides a colour that must be cropped away)."""
+    from PIL import Image
+    d = toy.dir / 'folder'
+    images, _ = world.load_split(os.path.join(toy.paths['data_dir'], 'train'))
+    for split, rows in (('train', images[:5]), ('val', images[5:8])):
+        os.makedirs(d / split)
+        for i, im in enumerate(rows):
+            Image.fromarray(np.asarray(im)).save(d / split / f'{i}.png')
+    Image.fromarray(np.asarray(images[8])).save(d / 'train' / 'x.jpg', quality=95)
+    wide = np.full((world.IMAGE, 2 * world.IMAGE, 3), 255, np.uint8)
+    wide[:, world.IMAGE // 2:world.IMAGE // 2 + world.IMAGE] = images[9]
+    Image.fromarray(wide).save(d / 'train' / 'wide.webp', lossless=True)
+    (d / 'train' / 'notes.txt').write_text('not an image: skipped')
+    return SimpleNamespace(dir=d, images=images)
+
+
+def test_image_folder_is_read_and_cropped(toy, image_folder):
+    d = image_folder.dir
+    names = [os.path.basename(f) for f in train_rl.image_files(str(d / 'train'))]
+    assert names == ['0.png', '1.png', '2.png', '3.png', '4.png', 'wide.webp', 'x.jpg']
+    assert np.array_equal(train_rl.square_image(str(d / 'val' / '1.png'), world.IMAGE), image_folder.images[6])
+    assert np.array_equal(train_rl.square_image(str(d / 'train' / 'wide.webp'), world.IMAGE), image_folder.images[9])
+    assert train_rl.square_image(str(d / 'train' / 'wide.webp'), 32).shape == (32, 32, 3)  # shortest edge 32
+    n, batch, val_images, scenes = train_rl.load_data(dict(train_rl.config, data_dir=str(d), eval_images=2), 48)
+    images, captions = batch([1, 5])
+    assert (n, scenes, captions) == (7, None, None) and images.shape == (2, 48, 48, 3)
+    assert np.array_equal(val_images, np.stack(image_folder.images[5:7]))
+
+
+@pytest.mark.parametrize('stage', ['g4u', 'u4g', 'coldstart'])  # coldstart: the encoder captions them itself
+def test_real_image_folder_trains_and_evaluates_by_reward(toy, image_folder, stage):
+    out = toy.dir / f'folder_{stage}'
+    # u4g: held-out images captioned and reconstructed one at a time
+    run_main(cli(toy, stage, out, steps=2, eval_every=2, data_dir=str(image_folder.dir),
+                 eval_batch=1 if stage == 'u4g' else 0))
+    log = read_log(out)
+    assert [r['step'] for r in log if 'reward' in r] == [1, 2]
+    evals = [r for r in log if 'val_reward' in r]
+    assert [r['step'] for r in evals] == [0, 2] and not any('val_object_f1' in r for r in log)
+    assert all(0 < r['val_reward'] <= 1 and r['val_caption_tokens'] >= 1 for r in evals)
+    assert os.path.exists(out / 'curves.png')
+    if stage == 'g4u':  # the first evaluation is the untrained models': recomputed here from the files
+        cfg = dict(toy.cfg, **TINY_RUN, data_dir=str(image_folder.dir))
+        enc, dit, vae, pooled = load_uae(cfg, 'cpu')
+        _, _, val_images, _ = train_rl.load_data(cfg, world.IMAGE)
+        result, _ = train_rl.evaluate(cfg, enc, dit, vae, pooled, val_images, reward_fn=grpo.Reward(cfg['reward']))
+        assert result['reward'] == pytest.approx(evals[0]['val_reward'], abs=1e-6)
+        assert result['caption_tokens'] == evals[0]['val_caption_tokens']
+
+
+def test_mixed_rewards_are_zscored_and_logged_raw():
+    """Several metrics: advantages come from the weighted z-scores (SPEC §4), the log shows the weighted mean of
+    the raw similarities (the z-scores of any batch average 0)."""
+    a, b = torch.tensor([0.9, 0.8, 0.7, 0.2]), torch.tensor([0.5, 0.5, 0.1, 0.3])
+    fake = SimpleNamespace(weights={'a': 1.0, 'b': 3.0}, metrics=lambda recon, orig: {'a': a, 'b': b})
+    mixed, log = train_rl.rollout_rewards(fake, None, None, 1, 'cpu')
+    z = lambda x: (x - x.mean()) / x.std(unbiased=False)
+    torch.testing.assert_close(mixed, z(a) + 3 * z(b), rtol=1e-5, atol=1e-5)
+    assert log['reward'] == pytest.approx(float((a.mean() + 3 * b.mean()) / 4))
+    assert log['reward_a'] == pytest.approx(0.65) and log['reward_b'] == pytest.approx(0.35)
+    single = SimpleNamespace(weights={'a': 2.0}, metrics=lambda recon, orig: {'a': a})
+    mixed, log = train_rl.rollout_rewards(single, None, None, 1, 'cpu')
+    assert torch.equal(mixed, a) and log['reward'] == pytest.approx(0.65) and 'reward_a' not in log
+
+def test_unreadable_image_is_named(toy, image_folder, tmp_path):
+    import shutil
+    d = tmp_path / 'images'
+    shutil.copytree(image_folder.dir, d)
+    (d / 'train' / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+    with pytest.raises(ValueError, match=re.escape(str(d / 'train' / 'bad.png'))):
+        train_rl.square_image(str(d / 'train' / 'bad.png'), 48)
+    # the training images are read a batch at a time: with all 8 drawn in the first step, the bad one is among them
+    with pytest.raises(ValueError, match=re.escape(str(d / 'train' / 'bad.png'))):
+        run_main(cli(toy, 'coldstart', tmp_path / 'out', steps=1, data_dir=str(d), images_per_step=8))
+    os.makedirs(d / 'empty' / 'train')
+    with pytest.raises(ValueError, match='no images'):
+        train_rl.image_files(str(d / 'empty' / 'train'))
+
+
+@pytest.mark.parametrize('name', sorted(f for f in os.listdir(os.path.join(ROOT, 'config'))
+                                        if f.startswith('uae') and f.endswith('.py')))
+def test_config_files_parse(name):
+    """Each real-model config file holds only keys its scripts know, with the right types (configure checks
+    both); the paths are placeholders, nothing is loaded."""
+    import bench
+    import sample
+    from common import configure, read_config_file
+    path = os.path.join(ROOT, 'config', name)
+    values = read_config_file(path)
+    assert all(v.startswith('/path/to/') for k, v in values.items() if k in ('llm', 'dit', 'vae', 'pooled'))
+    if name == 'uae.py':  # sample.py and bench.py
+        configure(copy.deepcopy(sample.config), [path])
+        configure({k: sample.config[k] for k in bench.UAE_KEYS}, [path])
+    else:
+        cfg = configure(copy.deepcopy(train_rl.config), [path])
+        assert name == f"uae_{cfg['stage']}.py"
+        assert cfg['dtype'] == 'bfloat16' and cfg['grad_checkpointing'] == (cfg['stage'] != 'g4u')  # g4u: no DiT backward
+        assert set(cfg['reward']) <= set(cfg['reward_paths']) | {'pixel', 'scene'}
