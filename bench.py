@@ -21,6 +21,7 @@ import time
 import torch
 
 from common import atomic_write, autocast, configure, pick_device, save_json
+from grpo import SCENE_METRICS
 
 
 def timeit(fn, warmup=2, iters=5):
@@ -280,7 +281,7 @@ def bench_reward(args):
     from sample import config as sample_config, generate, load_uae
     config = dict({k: sample_config[k] for k in ('llm', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled',
                                                    'negative_prompt', 'steps', 'cfg', 'shift', 'device', 'seed')},
-                  data_dir='data/shapes/out', images=100, metrics='pixel,scene')
+                  data_dir='data/shapes/out', images=100, metrics='pixel,scene,scene_attributes')
     configure(config, args)
     device = pick_device(config['device'])
     enc, dit, vae, pooled = load_uae(config, device)
@@ -315,7 +316,7 @@ UAE_KEYS = UAE_PATH_KEYS + ('negative_prompt', 'size', 'steps', 'cfg', 'shift', 
 METRIC_PATHS = {'clip': 'a CLIPVisionModelWithProjection or CLIPModel directory',
                 'dinov2': 'a Dinov2Model directory', 'dinov3': 'a DINOv3ViTModel directory',
                 'longclip': "LongCLIP-L's .pt file"}
-METRICS = (*METRIC_PATHS, 'pixel', 'scene')
+METRICS = (*METRIC_PATHS, 'pixel', *SCENE_METRICS)
 REPO = os.path.dirname(os.path.abspath(__file__))
 TOY_BENCH = os.path.join(REPO, 'data', 'shapes', 'out', 'test')  # 0.png ... 99.png + scenes.jsonl
 
@@ -433,22 +434,23 @@ def score_pairs(pairs, metrics, embedders, truths, chunk=32):
                 ref_names.append(ref_name)
         if not keys:
             continue
+        parsed = []  # the toy world's score of what can be read back from each reconstruction, against the truth
+        for gen, ref, name in zip(gens, refs, ref_names) if any(m in SCENE_METRICS for m in metrics) else ():
+            scene['resized'] += sum(im.size != (world.IMAGE, world.IMAGE) for im in (gen, ref))
+            parsed_ref = world.parse_image(toy_pixels(ref))
+            truth = truths.get(name)
+            if truth is None:
+                truth, scene['parsed'] = parsed_ref, scene['parsed'] + 1
+            else:
+                scene['truth'] += 1
+                scene['truth_disagrees'] += world.score(parsed_ref, truth)['object_f1'] < 1
+            parsed.append(world.score(world.parse_image(toy_pixels(gen)), truth))
         for m in metrics:
-            if m != 'scene':
+            if m in SCENE_METRICS:
+                sims = [SCENE_METRICS[m](s) for s in parsed]
+            else:
                 e = embedders[m]
                 sims = e.similarity(e.embed(gens), e.embed(refs)).tolist()
-            else:  # object F1 of what can be read back from the reconstruction, against the truth
-                sims = []
-                for gen, ref, name in zip(gens, refs, ref_names):
-                    scene['resized'] += sum(im.size != (world.IMAGE, world.IMAGE) for im in (gen, ref))
-                    parsed_ref = world.parse_image(toy_pixels(ref))
-                    truth = truths.get(name)
-                    if truth is None:
-                        truth, scene['parsed'] = parsed_ref, scene['parsed'] + 1
-                    else:
-                        scene['truth'] += 1
-                        scene['truth_disagrees'] += world.score(parsed_ref, truth)['object_f1'] < 1
-                    sims.append(world.score(world.parse_image(toy_pixels(gen)), truth)['object_f1'])
             scores[m].update(zip(keys, map(float, sims)))
     return scores, unreadable, scene
 
@@ -575,8 +577,10 @@ def print_report(results, metrics, scene, truth_path, ref_dir, out_dir):
         print(f'unreadable {path}: {error}')
     if ignored:
         print(f"ignored {len(ignored)} non-image file(s): {', '.join(ignored)}")
-    if 'scene' in metrics:
-        print(f"scene: {results['models']['scene']}")
+    for m in metrics:
+        if m in SCENE_METRICS:
+            print(f"{m}: {results['models'][m]}")
+    if any(m in SCENE_METRICS for m in metrics):
         if scene['resized']:
             print(f"note: {scene['resized']} image(s) are not 48x48 and were resampled for the scene metric, "
                   f"which only means something on toy-world images")
@@ -626,7 +630,7 @@ def bench_unibench(args):
         cfg['images'] = TOY_BENCH
 
     given = [m for m in METRIC_PATHS if cfg[m]]
-    metrics = [m.strip() for m in cfg['metrics'].split(',') if m.strip()] or given or ['pixel', 'scene']
+    metrics = [m.strip() for m in cfg['metrics'].split(',') if m.strip()] or given or ['pixel', *SCENE_METRICS]
     bad = [m for m in metrics if m not in METRICS]
     if bad or len(set(metrics)) != len(metrics):
         raise ValueError(f"--metrics={cfg['metrics']}: each of {', '.join(METRICS)} at most once; got {metrics}")
@@ -637,7 +641,7 @@ def bench_unibench(args):
         if m not in metrics:
             print(f'note: --{m} is given but {m} is not in --metrics: not used')
     # float32 whatever --dtype says (that one is the UAE models'): scores are compared across papers
-    embedders = {m: load_embedder(m, cfg.get(m) or None, device, 'float32') for m in metrics if m != 'scene'}
+    embedders = {m: load_embedder(m, cfg.get(m) or None, device, 'float32') for m in metrics if m not in SCENE_METRICS}
 
     result_extra = {}
     if scoring:
@@ -669,17 +673,19 @@ def bench_unibench(args):
         tokens = [rec['tokens'] for rec in records.values()]
         result_extra = dict(uae=run, caption_tokens=sum(tokens) / len(tokens) if tokens else None)
 
-    truths, truth_path = scene_truths(ref_dir, [p[3] for p in pairs]) if 'scene' in metrics else ({}, None)
+    truths, truth_path = (scene_truths(ref_dir, [p[3] for p in pairs]) if any(m in SCENE_METRICS for m in metrics)
+                          else ({}, None))
     scores, bad_files, scene = score_pairs(pairs, metrics, embedders, truths)
     unreadable.update(bad_files)
 
     models = {m: os.path.abspath(cfg[m]) for m in metrics if m in METRIC_PATHS}
     if 'pixel' in metrics:
         models['pixel'] = 'no weights: 1 - mean |a - b| of the RGB images at 64x64 (embedders.py)'
-    if 'scene' in metrics:
-        models['scene'] = 'object F1 of world.parse_image(reconstruction) against ' + ' and '.join(
-            [f"the ground-truth scenes of {truth_path} ({scene['truth']} images)"] * bool(scene['truth']) +
-            [f"world.parse_image(reference) ({scene['parsed']} images)"] * bool(scene['parsed']))
+    against = ' and '.join([f"the ground-truth scenes of {truth_path} ({scene['truth']} images)"] * bool(scene['truth']) +
+                           [f"world.parse_image(reference) ({scene['parsed']} images)"] * bool(scene['parsed']))
+    what = dict(scene='object F1', scene_attributes='mean of the shape, colour, size, cell F1s and background match')
+    models.update({m: f'{what[m]} of world.parse_image(reconstruction) against {against}'
+                   for m in metrics if m in SCENE_METRICS})
     results = {m: dict(s) for m, s in scores.items()}
     for m, s in results.items():
         values = list(scores[m].values())

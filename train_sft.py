@@ -24,9 +24,9 @@ import torch.distributed as dist
 from PIL import Image
 
 import model_decoder as D
-from common import (autocast, configure, load_checkpoint, load_safetensors, optimizer_from_files,
-                    optimizer_to_files, save_checkpoint, save_safetensors, setup_distributed,
-                    teardown_distributed)
+from common import (autocast, configure, load_checkpoint, load_safetensors, load_state_dict_strict,
+                    optimizer_from_files, optimizer_to_files, save_checkpoint, save_safetensors,
+                    setup_distributed, teardown_distributed)
 from data.shapes import world
 from model_encoder import Encoder
 
@@ -309,9 +309,12 @@ def export(cfg, kind, state, raw, enc, pooled, codec, out_dir):
         cpu.min_pixels, cpu.max_pixels = enc.min_pixels, enc.max_pixels
         cpu.save_pretrained(os.path.join(out_dir, 'llm'))
         return
-    llm = Encoder.from_pretrained(cfg['encoder'])
-    llm.config.prompt_layer = enc.config.prompt_layer
-    llm.projector.load_state_dict({k[len('projector.'):]: v for k, v in state.items() if k.startswith('projector.')})
+    # the frozen LLM as it is in memory (not re-read from cfg['encoder'], which may have changed on disk
+    # since), with the trained projector from `state`
+    llm = Encoder(enc.config, enc.tokenizer)
+    llm.load_weights({**{k: v.detach().cpu() for k, v in enc.state_dict().items() if not k.startswith('projector.')},
+                      **{k: v for k, v in state.items() if k.startswith('projector.')}}, 'export')
+    llm.min_pixels, llm.max_pixels = enc.min_pixels, enc.max_pixels
     llm.save_pretrained(os.path.join(out_dir, 'llm'))
     dit = D.MMDiT(raw.dit.config)
     dit.load_state_dict({k[len('dit.'):]: v for k, v in state.items() if k.startswith('dit.')})
@@ -373,6 +376,7 @@ def main():
                 load_into(e, weights['ema'][n])
         if kind == 'decoder':
             pooled = weights['pooled']['pooled'].to(device).view(1, -1)
+            load_state_dict_strict(codec, weights['codec'], os.path.join(ckpt, 'codec'))
         step = meta['step']
         changed = {k: (meta['config'].get(k), v) for k, v in cfg.items() if meta['config'].get(k) != v}
         if master:
@@ -395,6 +399,8 @@ def main():
                 weights['ema'] = ema_state
             if pooled is not None:
                 weights['pooled'] = {'pooled': pooled.view(-1)}
+            if codec is not None:  # refitting on resume is not enough: the SVD's signs depend on the thread count
+                weights['codec'] = {k: v.cpu() for k, v in codec.state_dict().items()}
             save_checkpoint(ckpt, weights, dict(config=cfg, step=step, optimizer=rest,
                                                 data_position=step * B, world_size=world_size,
                                                 rng='every draw is seeded by (seed, step)'))

@@ -189,14 +189,31 @@ def test_corrupt_checkpoint_is_named(ckpt, tmp_path, capsys, key, name):
         run(ckpt, capsys, mode='t2i', prompt='"a red circle."', **{key: bad})
 
 # -----------------------------------------------------------------------------
-# the shipped toy checkpoints (once they are committed)
+# the shipped toy checkpoints (checkpoints/toy, committed): the demo runs, and they are fit for G4U
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, 'checkpoints/toy/dit')),
-                    reason='the toy checkpoints are not in checkpoints/toy yet')
 def test_shipped_demo(tmp_path):
     out = tmp_path / 'demo.png'
     p = subprocess.run([sys.executable, 'sample.py', '--demo_images=2', f'--out={out}'], cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert 'mean object F1 of the reconstructions' in p.stdout and out.exists()
+
+
+def test_shipped_reward_rises_with_caption_detail():
+    """What G4U needs (issue 5): the toy reward of reconstructions from complete captions beats that from
+    one-object captions of the same scenes (100 validation images: 0.58 against 0.39, see README)."""
+    from grpo import Reward
+    cfg = dict(DEFAULTS, device='cpu')
+    enc, dit, vae, pooled = sample.load_uae(cfg, 'cpu')
+    rng = np.random.default_rng(7)
+    scenes = [world.sample_scene(rng) for _ in range(24)]
+    texts = [world.captions(s, rng) for s in scenes]
+    originals = np.stack([world.render(s) for s in scenes])
+    reward = Reward({'scene_attributes': 1.0})
+    means = {}
+    for level in ('one', 'complete'):
+        recon = sample.generate(enc, dit, vae, pooled, [t[level] for t in texts], '', None, cfg['steps'], cfg['cfg'],
+                                cfg['shift'], torch.Generator().manual_seed(0))
+        means[level] = reward.metrics(recon, originals)['scene_attributes'].mean().item()
+    assert means['complete'] > means['one'] + 0.1, means

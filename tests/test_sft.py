@@ -195,10 +195,17 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(toy, tmp_path, monkey
         run_sft(parts)
     assert json.load(open(tmp_path / 'parts/ckpt/meta.json'))['step'] == N // 2
     monkeypatch.setattr(train_sft, 'save_checkpoint', real_save)
+    real_fit = train_sft.D.LinearCodec.fit
+
+    def flipped_fit(*a, **k):  # an SVD's signs may differ on another machine or thread count
+        codec = real_fit(*a, **k)
+        codec.basis.neg_()
+        return codec
+    monkeypatch.setattr(train_sft.D.LinearCodec, 'fit', flipped_fit)  # the checkpoint's codec must win
     with torch.random.fork_rng():
         run_sft(dict(parts, resume=True))
 
-    names = ['model', 'optimizer'] + (['ema', 'pooled'] if model == 'decoder' else [])
+    names = ['model', 'optimizer'] + (['ema', 'pooled', 'codec'] if model == 'decoder' else [])
     for name in names:
         a = load_file(tmp_path / f'whole/ckpt/{name}.safetensors')
         b = load_file(tmp_path / f'parts/ckpt/{name}.safetensors')
@@ -219,7 +226,7 @@ def test_checkpoint_directory(trained, model):
     ckpt = os.path.join(run['out'], 'ckpt')
     expected = {'meta.json', 'model.safetensors', 'optimizer.safetensors'}
     if model == 'decoder':
-        expected |= {'ema.safetensors', 'pooled.safetensors'}
+        expected |= {'ema.safetensors', 'pooled.safetensors', 'codec.safetensors'}
     assert set(os.listdir(ckpt)) == expected
     meta = json.load(open(os.path.join(ckpt, 'meta.json')))
     assert meta['step'] == run['steps'] and meta['data_position'] == run['steps'] * run['batch']
