@@ -30,7 +30,9 @@ class LoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        # fp32 even on a bf16/fp16 base: the adapter is what trains, and AdamW's small updates to a half-precision
+        # weight are lost to rounding (its optimizer state would be half precision too)
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
         self.lora_A = nn.Linear(self.in_features, r, **kw)   # A: (r, in)
         self.lora_B = nn.Linear(r, self.out_features, **kw)  # B: (out, r)
         self.lora_enabled = True
@@ -51,7 +53,7 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if self.lora_enabled and not self.merged:
-            y = y + self.lora_B(self.lora_A(x)) * self.scaling
+            y = y + (self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))) * self.scaling).to(y.dtype)
         return y
 
     def delta_weight(self):

@@ -51,17 +51,20 @@ def load_uae(cfg, device):
         if not os.path.exists(cfg[key]):
             raise FileNotFoundError(f"--{key}={cfg[key]} does not exist" +
                                     (': train or unpack the toy checkpoints (see README)' if 'toy' in cfg[key] else ''))
-    enc = Encoder.from_pretrained(cfg['llm'], device=device).eval()
+    # frozen weights in the run's dtype (bf16 halves real models' memory: the README's memory plan); LoRA
+    # adapters stay fp32 (lora.py), the codec / VAE fp32
+    dtype = getattr(torch, cfg.get('dtype', 'float32'))
+    enc = Encoder.from_pretrained(cfg['llm'], dtype=dtype, device=device).eval()
     if cfg['llm_lora']:
         if os.path.exists(os.path.join(cfg['llm_lora'], 'adapter_config.json')):
             load_peft(enc, cfg['llm_lora'])
         else:
             enc.load_llm_lora(cfg['llm_lora'])
-    dit = D.MMDiT.from_pretrained(cfg['dit'], device=device).eval()
+    dit = D.MMDiT.from_pretrained(cfg['dit'], dtype=dtype, device=device).eval()
     if cfg['dit_lora']:
         load_peft(dit, cfg['dit_lora'])
     vae = D.load_vae(cfg['vae'], device=device) if cfg['vae'] else None
-    pooled = load_safetensors(cfg['pooled'])['pooled'].to(device).view(1, -1)
+    pooled = load_safetensors(cfg['pooled'])['pooled'].to(device, dtype).view(1, -1)
     return enc, dit, vae, pooled
 
 

@@ -146,3 +146,17 @@ def test_our_adapter_loads_into_diffusers_with_peft(tmp_path):
     loaded = PeftModel.from_pretrained(ref, tmp_path / 'ours')
     x, t, c, p = inputs()
     assert (run_ref(loaded, x, t, c, p) - run_ours(ours, x, t, c, p)).abs().max() < 1e-5
+
+
+def test_adapter_is_fp32_on_a_bf16_base():
+    """A bf16 base (real models' frozen weights) gets an fp32 adapter, so AdamW's small updates are not
+    rounded away; the output keeps the base's dtype and equals base + B A x scaling."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    layer = lora.LoRALinear(base, r=4, alpha=8)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    expected = base(x).float() + (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T) * 2
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), expected, atol=0.05, rtol=0.02)

@@ -103,6 +103,20 @@ def test_t2i(ckpt, tmp_path, capsys):
     assert not np.array_equal(png(other), img)
 
 
+def test_bfloat16_weights(ckpt, tmp_path, capsys):
+    """--dtype=bfloat16 loads the frozen weights in bf16 (half the memory of real models) and recon runs
+    end to end under autocast; the codec stays fp32."""
+    enc, dit, vae, pooled = sample.load_uae(dict(DEFAULTS, llm=str(ckpt / 'llm'), dit=str(ckpt / 'dit'),
+                                                 pooled=str(ckpt / 'pooled.safetensors'),
+                                                 vae=str(ckpt / 'codec.safetensors'), dtype='bfloat16'), 'cpu')
+    assert {p.dtype for p in enc.parameters()} == {p.dtype for p in dit.parameters()} == {torch.bfloat16}
+    assert pooled.dtype == torch.bfloat16 and vae.basis.dtype == torch.float32
+    out = tmp_path / 'recon.png'
+    assert f'reconstruction: {out}' in run(ckpt, capsys, mode='recon', image=ckpt / 'data/test/1.png', out=out,
+                                           dtype='bfloat16')
+    assert png(out).shape == (48, 48, 3)
+
+
 def test_i2t_prints_the_caption(ckpt, capsys):
     image = ckpt / 'data/test/0.png'
     text = run(ckpt, capsys, mode='i2t', image=image)
