@@ -588,14 +588,15 @@ def print_report(results, metrics, scene, truth_path, ref_dir, out_dir):
             print(f"warning: {scene['truth_disagrees']} reference(s) do not parse to their scenes.jsonl scene: "
                   f"is {truth_path} the file of these images?")
     print(f"\n{results['pairs']} pairs scored ({ref_dir})")
+    w = max(len(m) for m in [*metrics, 'captions']) + 1
     for m in metrics:
         r = results[m]
-        print(f'{m:9s} ' + ('no scores' if r['average'] is None else
-                            f"average {r['average']:.4f}  min {r['min']:.4f}  max {r['max']:.4f}"))
+        print(f'{m:{w}s}' + ('no scores' if r['average'] is None else
+                             f"average {r['average']:.4f}  min {r['min']:.4f}  max {r['max']:.4f}"))
     if results['overall'] is not None:
-        print(f"overall   {results['overall']:.4f} (mean of the metric averages)")
+        print(f"{'overall':{w}s}{results['overall']:.4f} (mean of the metric averages)")
     if results.get('caption_tokens') is not None:
-        print(f"captions  {results['caption_tokens']:.1f} tokens on average")
+        print(f"{'captions':{w}s}{results['caption_tokens']:.1f} tokens on average")
     print(f"scores: {os.path.join(out_dir, 'scores.json')}; "
           f"contact sheet: {os.path.join(out_dir, 'contact_sheet.html')}")
 
