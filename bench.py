@@ -435,7 +435,7 @@ def score_pairs(pairs, metrics, embedders, truths, chunk=32):
         if not keys:
             continue
         parsed = []  # the toy world's score of what can be read back from each reconstruction, against the truth
-        for gen, ref, name in zip(gens, refs, ref_names) if any(m in SCENE_METRICS for m in metrics) else ():
+        for gen, ref, name in zip(gens, refs, ref_names) if SCENE_METRICS.keys() & set(metrics) else ():
             scene['resized'] += sum(im.size != (world.IMAGE, world.IMAGE) for im in (gen, ref))
             parsed_ref = world.parse_image(toy_pixels(ref))
             truth = truths.get(name)
@@ -577,10 +577,10 @@ def print_report(results, metrics, scene, truth_path, ref_dir, out_dir):
         print(f'unreadable {path}: {error}')
     if ignored:
         print(f"ignored {len(ignored)} non-image file(s): {', '.join(ignored)}")
-    for m in metrics:
-        if m in SCENE_METRICS:
-            print(f"{m}: {results['models'][m]}")
-    if any(m in SCENE_METRICS for m in metrics):
+    scene_metrics = [m for m in metrics if m in SCENE_METRICS]
+    for m in scene_metrics:
+        print(f"{m}: {results['models'][m]}")
+    if scene_metrics:
         if scene['resized']:
             print(f"note: {scene['resized']} image(s) are not 48x48 and were resampled for the scene metric, "
                   f"which only means something on toy-world images")
@@ -674,8 +674,8 @@ def bench_unibench(args):
         tokens = [rec['tokens'] for rec in records.values()]
         result_extra = dict(uae=run, caption_tokens=sum(tokens) / len(tokens) if tokens else None)
 
-    truths, truth_path = (scene_truths(ref_dir, [p[3] for p in pairs]) if any(m in SCENE_METRICS for m in metrics)
-                          else ({}, None))
+    scene_metrics = [m for m in metrics if m in SCENE_METRICS]
+    truths, truth_path = scene_truths(ref_dir, [p[3] for p in pairs]) if scene_metrics else ({}, None)
     scores, bad_files, scene = score_pairs(pairs, metrics, embedders, truths)
     unreadable.update(bad_files)
 
@@ -685,8 +685,7 @@ def bench_unibench(args):
     against = ' and '.join([f"the ground-truth scenes of {truth_path} ({scene['truth']} images)"] * bool(scene['truth']) +
                            [f"world.parse_image(reference) ({scene['parsed']} images)"] * bool(scene['parsed']))
     what = dict(scene='object F1', scene_attributes='mean of the shape, colour, size, cell F1s and background match')
-    models.update({m: f'{what[m]} of world.parse_image(reconstruction) against {against}'
-                   for m in metrics if m in SCENE_METRICS})
+    models.update({m: f'{what[m]} of world.parse_image(reconstruction) against {against}' for m in scene_metrics})
     results = {m: dict(s) for m, s in scores.items()}
     for m, s in results.items():
         values = list(scores[m].values())

@@ -141,11 +141,12 @@ class Reward:
 
     def metrics(self, recon, originals):
         """recon, originals: uint8 (N, H, W, 3) -> {metric: (N,) float tensor}."""
-        out = {}
+        out, scores = {}, None
         for name in self.weights:
             if name in SCENE_METRICS:
-                from data.shapes import world
-                scores = [world.score(world.parse_image(r), world.parse_image(o)) for r, o in zip(recon, originals)]
+                if scores is None:  # parsed once, whichever scene metrics are weighted
+                    from data.shapes import world
+                    scores = [world.score(world.parse_image(r), world.parse_image(o)) for r, o in zip(recon, originals)]
                 out[name] = torch.tensor([SCENE_METRICS[name](s) for s in scores])
             else:
                 e = self.embedders[name]

@@ -304,18 +304,17 @@ def export(cfg, kind, state, raw, enc, pooled, codec, out_dir):
     dit/ (diffusers format), pooled.safetensors and codec.safetensors. `state`: the full state dict of
     `raw` to export."""
     if kind == 'encoder':
-        cpu = Encoder(enc.config, enc.tokenizer)
-        cpu.load_weights({k[len('enc.'):]: v for k, v in state.items()}, 'export')
-        cpu.min_pixels, cpu.max_pixels = enc.min_pixels, enc.max_pixels
-        cpu.save_pretrained(os.path.join(out_dir, 'llm'))
-        return
-    # the frozen LLM as it is in memory (not re-read from cfg['encoder'], which may have changed on disk
-    # since), with the trained projector from `state`
+        weights = {k[len('enc.'):]: v for k, v in state.items()}
+    else:  # the frozen LLM as it is in memory (not re-read from cfg['encoder'], which may have changed on
+        # disk since), with the trained projector from `state`
+        weights = {**{k: v.detach().cpu() for k, v in enc.state_dict().items() if not k.startswith('projector.')},
+                   **{k: v for k, v in state.items() if k.startswith('projector.')}}
     llm = Encoder(enc.config, enc.tokenizer)
-    llm.load_weights({**{k: v.detach().cpu() for k, v in enc.state_dict().items() if not k.startswith('projector.')},
-                      **{k: v for k, v in state.items() if k.startswith('projector.')}}, 'export')
+    llm.load_weights(weights, 'export')
     llm.min_pixels, llm.max_pixels = enc.min_pixels, enc.max_pixels
     llm.save_pretrained(os.path.join(out_dir, 'llm'))
+    if kind == 'encoder':
+        return
     dit = D.MMDiT(raw.dit.config)
     dit.load_state_dict({k[len('dit.'):]: v for k, v in state.items() if k.startswith('dit.')})
     dit.save_pretrained(os.path.join(out_dir, 'dit'))
