@@ -272,20 +272,21 @@ def bench_attention(args):
 # task: reward -- does the RL reward rise with caption completeness? (checked before any G4U run)
 
 def bench_reward(args):
-    """Decode the validation images from their captions at each detail level (data/shapes/world.py)
-    and average each candidate reward per level. A reward fit for G4U must rank complete captions
-    highest; one that prefers terse captions teaches the encoder to say less."""
+    """Decode the images of a split (validation; `--split=test`: the toy Unified-Bench) from their captions
+    at each detail level (data/shapes/world.py) and average each candidate reward per level. A reward fit
+    for G4U must rank complete captions highest; one that prefers terse captions teaches the encoder to say
+    less. Then the exact scores of the reconstructions from the complete captions, attribute by attribute."""
     import numpy as np
     from data.shapes import world
     from grpo import Reward
     from sample import config as sample_config, generate, load_uae
     config = dict({k: sample_config[k] for k in ('llm', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled',
                                                    'negative_prompt', 'steps', 'cfg', 'shift', 'device', 'seed')},
-                  data_dir='data/shapes/out', images=100, metrics='pixel,scene,scene_attributes')
+                  data_dir='data/shapes/out', split='val', images=100, metrics='pixel,scene,scene_attributes')
     configure(config, args)
     device = pick_device(config['device'])
     enc, dit, vae, pooled = load_uae(config, device)
-    images, records = world.load_split(os.path.join(config['data_dir'], 'val'))
+    images, records = world.load_split(os.path.join(config['data_dir'], config['split']))
     images, records = np.asarray(images[:config['images']]), records[:config['images']]
     metrics = config['metrics'].split(',')
     reward = Reward({m: 1.0 for m in metrics}, device=device)
@@ -296,8 +297,13 @@ def bench_reward(args):
         recon = generate(enc, dit, vae, pooled, texts, config['negative_prompt'], None, config['steps'],
                          config['cfg'], config['shift'], gen)
         scores = reward.metrics(recon, images)
+        if level == 'complete':
+            exact = [world.score(world.parse_image(im), r['scene']) for im, r in zip(recon, records)]
         tokens = np.mean([len(enc.tokenizer.encode(t)) for t in texts])
         print(f"| {level} | {tokens:.1f} | {' | '.join(f'{scores[m].mean():.4f}' for m in metrics)} |", flush=True)
+    names = ('object_f1', 'shape_f1', 'color_f1', 'size_f1', 'cell_f1')
+    print(f"\nfrom the complete captions of {len(records)} {config['split']} images: " +
+          ', '.join(f"{k} {np.mean([e[k] for e in exact]):.3f}" for k in names))
 
 
 # -----------------------------------------------------------------------------

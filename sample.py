@@ -34,7 +34,7 @@ config = dict(
     pooled='checkpoints/toy/pooled.safetensors',  # the constant pooled vector (key 'pooled')
     negative_prompt='',       # real UAE: 'Generate a random, low quality, ugly, blur, bad and anime, cartoon image.'
     size=48,                  # output resolution in pixels (real: 1024)
-    steps=20, cfg=2.0, shift=3.0,  # shift as the toy decoder was trained (train_sft); real UAE: 40 steps, CFG 5.0, shift 3.0
+    steps=20, cfg=2.0, shift=3.0,  # shift as the toy decoder is sampled in training (train_sft's sample_shift); real UAE: 40 steps, CFG 5.0, shift 3.0
     temperature=0.7, max_new_tokens=512,
     max_prompt_tokens=512,    # longer prompts are cut, with a note (UAE captions are at most 512 tokens); 0 = no limit
     demo_images=8, data_dir='data/shapes/out',

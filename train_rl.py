@@ -36,7 +36,11 @@ config = dict(
     out_dir='',                      # default out/rl_<stage>
     resume=False,
     # the models (sample.py's keys); an adapter given here is loaded: trained further if its model is, else frozen
-    **{k: sample_config[k] for k in ('llm', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled', 'negative_prompt')},
+    **{k: sample_config[k] for k in ('llm', 'dit', 'dit_lora', 'vae', 'pooled', 'negative_prompt')},
+    # None: none for coldstart and g4u; for u4g on the toy encoder, the shipped G4U adapter. UAE runs U4G
+    # after G4U, so the decoder learns from the captions of the RL-trained encoder; the SFT encoder's terse
+    # captions ("a white square.") leave the decoder little it could get right. '' = no adapter
+    llm_lora=None,
     # the LoRA being trained (SPEC §2/§4: r=32, alpha=64; gaussian init as UAE's encoder)
     lora_r=32, lora_alpha=64, lora_init='gaussian',
     dit_lora_targets=['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out'],
@@ -52,8 +56,8 @@ config = dict(
     # g4u: caption sampling and the token loss
     temperature=1.0, max_new_tokens=64, eps_low=0.2, eps_high=0.28,
     # decoding (all stages) and u4g's SDE
-    # shift 3.0: the toy decoder is trained and sampled with it (train_sft's train_shift / sample_shift), as
-    # SD3.5 is (SPEC §2); rollouts on another schedule would reward images the decoder never makes
+    # shift 3.0: the toy decoder is sampled with it (train_sft's sample_shift), as SD3.5 is (SPEC §2);
+    # rollouts on another schedule would reward images the decoder was never checked on
     sample_steps=10, cfg=2.0, shift=3.0,
     size=0,                          # image size in pixels; 0 = the decoder's native size (real images are cropped to it)
     noise_level=0.7, sde_window=3,   # u4g: SDE (trained) on a random window of this many steps; 0 = all but the last
@@ -395,6 +399,9 @@ def main():
     stage = cfg['stage']
     if stage not in ('coldstart', 'g4u', 'u4g'):
         raise ValueError(f"--stage must be coldstart, g4u or u4g, got {stage!r}")
+    if cfg['llm_lora'] is None:  # resolved here, so the saved config says which adapter was used
+        toy = stage == 'u4g' and cfg['llm'] == sample_config['llm']
+        cfg['llm_lora'] = os.path.join(os.path.dirname(sample_config['llm']), 'llm_lora') if toy else ''
     out_dir = cfg['out_dir'] or f'out/rl_{stage}'
     rank, world_size, device = setup_distributed(cfg['device'])
     master = rank == 0
