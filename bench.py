@@ -461,11 +461,25 @@ def score_pairs(pairs, metrics, embedders, truths, chunk=32):
     return scores, unreadable, scene
 
 
+def weights_stamp(paths):
+    """A short digest of (name, size, mtime) of every file under the given files or directories."""
+    import hashlib
+    files = []
+    for path in paths:
+        walk = [(path, [], [''])] if os.path.isfile(path) else os.walk(path)
+        for root, _, names in walk:
+            files += [os.path.join(root, n) if n else root for n in names]
+    stamp = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in sorted(files)]
+    return hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]
+
+
 def check_run(cfg, image_dir, out_dir):
     """out_dir/run.json records the settings of the reconstructions in out_dir: resuming with other
-    settings would mix two models' outputs in one score, so that is an error."""
+    settings would mix two models' outputs in one score, so that is an error. The weights count as
+    settings too (size and modification time of every file): a checkpoint retrained in place is another model."""
     run = {k: os.path.abspath(cfg[k]) if k in UAE_PATH_KEYS and cfg[k] else cfg[k] for k in UAE_KEYS}
     run['images'] = os.path.abspath(image_dir)
+    run['weights'] = weights_stamp([cfg[k] for k in UAE_PATH_KEYS if cfg[k]])
     path = os.path.join(out_dir, 'run.json')
     if os.path.exists(path):
         with open(path) as f:

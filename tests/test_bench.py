@@ -223,3 +223,12 @@ def test_images_mode_saves_scores_and_resumes(tmp_path, tiny_uae):
     # other settings must not be mixed into the same folder
     with pytest.raises(ValueError, match=r'steps: 2 there, 3 now'):
         bench_unibench(args + ['--steps=3'])
+    # nor the outputs of weights retrained in place (same paths, other files)
+    pooled = next(a.split('=', 1)[1] for a in tiny_uae if a.startswith('--pooled='))
+    st = os.stat(pooled)
+    os.utime(pooled, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    try:
+        with pytest.raises(ValueError, match=r'weights: '):
+            bench_unibench(args)
+    finally:
+        os.utime(pooled, ns=(st.st_atime_ns, st.st_mtime_ns))
