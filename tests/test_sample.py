@@ -225,7 +225,6 @@ def test_shipped_decoder_draws_what_its_caption_says():
                             cfg['cfg'], cfg['shift'], torch.Generator().manual_seed(0))
     scores = [world.score(world.parse_image(r), s) for r, s in zip(recon, scenes)]
     mean = {k: float(np.mean([q[k] for q in scores])) for k in ('object_f1', 'shape_f1', 'color_f1', 'size_f1', 'cell_f1')}
-    print(mean)
     assert mean['object_f1'] >= 0.8 and min(mean.values()) >= 0.8, mean
 
 

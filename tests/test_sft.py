@@ -168,6 +168,7 @@ def test_a_few_steps_lower_the_loss(trained, toy, model):
     # measured: encoder 6.22 -> 3.75 (logged 5.59 -> 3.43); the decoder on its training noise levels
     assert after < 0.95 * before, (model, before, after)
 
+
 def test_decoder_projector_trains_at_projector_lr(trained):
     """Decoder SFT trains UAE's projector at projector_lr x lr; the default 0 keeps it at its initialisation
     (a projector trained at the full rate washed shape out of the toy decoder's context: see train_sft)."""
@@ -177,6 +178,7 @@ def test_decoder_projector_trains_at_projector_lr(trained):
     moved = {k for k in now if not torch.equal(now[k], run['init'][k])}
     assert any(k.startswith('dit.') for k in moved)
     assert not any(k.startswith('projector.') for k in moved), sorted(moved)
+
 
 # -----------------------------------------------------------------------------
 # 2. resume
