@@ -466,9 +466,10 @@ def weights_stamp(paths):
     import hashlib
     files = []
     for path in paths:
-        walk = [(path, [], [''])] if os.path.isfile(path) else os.walk(path)
-        for root, _, names in walk:
-            files += [os.path.join(root, n) if n else root for n in names]
+        if os.path.isfile(path):
+            files.append(path)
+        else:
+            files += [os.path.join(root, n) for root, _, names in os.walk(path) for n in names]
     stamp = [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in sorted(files)]
     return hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]
 
