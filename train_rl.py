@@ -44,7 +44,7 @@ config = dict(
     # the LoRA being trained (SPEC §2/§4: r=32, alpha=64; gaussian init as UAE's encoder)
     lora_r=32, lora_alpha=64, lora_init='gaussian',
     dit_lora_targets=['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out'],
-    steps=200, images_per_step=8, group_size=8, micro_batch=64,
+    steps=100, images_per_step=8, group_size=8, micro_batch=64,
     lr=3e-4, weight_decay=0.0, grad_clip=1.0,
     beta=0.01,                       # KL to the reference (the same model with its LoRA disabled)
     # metric -> weight; names: scene, scene_attributes, pixel, clip, dinov2, dinov3, longclip (grpo.Reward).
@@ -60,7 +60,8 @@ config = dict(
     # rollouts on another schedule would reward images the decoder was never checked on
     sample_steps=10, cfg=2.0, shift=3.0,
     size=0,                          # image size in pixels; 0 = the decoder's native size (real images are cropped to it)
-    noise_level=0.7, sde_window=3,   # u4g: SDE (trained) on a random window of this many steps; 0 = all but the last
+    noise_level=0.7, sde_window=3,   # u4g: SDE (trained) on a window of this many steps; 0 = all but the last
+    sde_start=-1,                    # u4g: the window's first step; -1 = a random start each step
     flow_eps=1e-4, adv_clip=5.0,
     caption_temperature=0.7,         # u4g, coldstart on real images: how the encoder captions (as at inference)
     # coldstart: differentiable sampling steps
@@ -230,7 +231,8 @@ def eval_captions(cfg, enc, images, gen):
 @torch.no_grad()
 def evaluate(cfg, enc, dit, vae, pooled, images, scenes=None, fixed_captions=None, reward_fn=None):
     """Caption (fixed seed) unless captions are given, then reconstruct (eval_steps, fixed noise).
-    Toy world (scenes given): object F1 of the reconstructions, caption recall, pixel similarity.
+    Toy world (scenes given): object F1 of the reconstructions, caption recall, pixel similarity, and the
+    decoder's object F1 from the complete ground-truth captions.
     Real images: each reward metric's mean similarity, and as `reward` their weighted mean (of the raw
     similarities: the z-scores that mix them in training average to 0 over any batch)."""
     gen = torch.Generator(pooled.device).manual_seed(cfg['seed'])
@@ -250,7 +252,15 @@ def evaluate(cfg, enc, dit, vae, pooled, images, scenes=None, fixed_captions=Non
     scores = [world.score(world.parse_image(r), s) for r, s in zip(recon, scenes)]
     recall = [world.score(world.parse_caption(t), s)['object_recall'] for t, s in zip(texts, scenes)]
     pixel = 1 - np.abs(recon.astype(np.float32) - np.asarray(images, np.float32)).mean(axis=(1, 2, 3)) / 255
+    # how well the decoder reads a caption, whatever the encoder says: reconstructions from the complete
+    # ground-truth captions. The LLM that captions also conditions the decoder (SPEC §2), so G4U's adapter
+    # moves this too, and U4G is what can bring it back
+    truth = [world.caption(s) for s in scenes]
+    redrawn = np.concatenate([generate(enc, dit, vae, pooled, truth[i:i + bs], cfg['negative_prompt'], cfg['size'] or None,
+                                       cfg['eval_steps'], cfg['cfg'], cfg['shift'], gen) for i in range(0, len(truth), bs)])
+    decoder_f1 = [world.score(world.parse_image(r), s)['object_f1'] for r, s in zip(redrawn, scenes)]
     return dict(object_f1=float(np.mean([s['object_f1'] for s in scores])),
+                decoder_f1=float(np.mean(decoder_f1)),
                 attribute_f1=float(np.mean([grpo.SCENE_METRICS['scene_attributes'](s) for s in scores])),
                 caption_recall=float(np.mean(recall)),
                 caption_tokens=float(lengths.mean()), pixel=float(np.mean(pixel)), example=texts[0]), texts
@@ -314,7 +324,10 @@ def u4g_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_siz
     pooled_c = pooled.expand(n * G, -1)
     # the SDE window: which denoising steps are stochastic (and trained); the same on every rank
     window = min(cfg['sde_window'] or T - 1, T - 1)  # never the last step: it would leave noise in the image
-    start = int(np.random.default_rng([cfg['seed'], step, 7]).integers(0, T - window)) if window < T - 1 else 0
+    if cfg['sde_start'] >= 0:
+        start = min(cfg['sde_start'], T - 1 - window)
+    else:
+        start = int(np.random.default_rng([cfg['seed'], step, 7]).integers(0, T - window)) if window < T - 1 else 0
     sde_steps = set(range(start, start + window))
     noise = torch.randn(n * G, *latent_shape(cfg, dit, vae), generator=gen, device=gen.device).to(pooled.device)
     x0, transitions = grpo.sde_rollout(dit, ctx_c, pooled_c, neg, pooled, noise, T, cfg['cfg'], cfg['shift'],
@@ -457,7 +470,8 @@ def main():
         with autocast(device, cfg['dtype']):
             result, _ = evaluate(cfg, enc, dit, vae, pooled, val_images, val_scenes, fixed, reward_fn)
         rows.append(dict(step=step, **{f'val_{k}': v for k, v in result.items()}))
-        score = (f"object F1 {result['object_f1']:.3f} | attribute F1 {result['attribute_f1']:.3f} | caption recall {result['caption_recall']:.3f}" if toy else
+        score = (f"object F1 {result['object_f1']:.3f} | attribute F1 {result['attribute_f1']:.3f} | caption recall "
+                 f"{result['caption_recall']:.3f} | decoder F1 (true captions) {result['decoder_f1']:.3f}" if toy else
                  ' | '.join(f'{k} {v:.4f}' for k, v in result.items() if k.startswith('reward')))
         print(f"eval step {step}: {score} | caption tokens {result['caption_tokens']:.1f}"
               + (f" | pixel {result['pixel']:.4f}" if toy else '') + f" | {result['example']!r}", flush=True)
@@ -478,7 +492,7 @@ def main():
             save_peft(dit, os.path.join(out_dir, 'dit_lora'), cfg['dit'])
         if stage == 'coldstart':
             enc.save_pretrained(os.path.join(out_dir, 'llm'))  # its projector was trained too
-        val = ('val_object_f1', 'val_attribute_f1') if toy else ('val_reward',)
+        val = ('val_object_f1', 'val_decoder_f1') if toy else ('val_reward',)
         plot_curves(rows, os.path.join(out_dir, 'curves.png'),
                     ('reward', 'caption_tokens', *val) if stage != 'coldstart' else ('loss', *val))
 

@@ -246,6 +246,15 @@ def test_resume_is_exact(toy, stage):
     assert steps(full) == steps(part)
 
 
+@pytest.mark.parametrize('start, window, expected', [(0, 1, '0-0'), (1, 1, '1-1'), (5, 1, '1-1'), (1, 2, '0-1'), (-1, 0, '0-1')])
+def test_u4g_sde_window(toy, start, window, expected):
+    """sde_start fixes the trained window (clipped so that the last of the 3 steps stays deterministic);
+    -1 draws it, and window 0 covers every step but the last."""
+    out = toy.dir / f'window_{start}_{window}'
+    run_main(cli(toy, 'u4g', out, steps=1, sde_start=start, sde_window=window, eval_every=100, save_every=100))
+    assert [r['sde_steps'] for r in read_log(out) if 'sde_steps' in r] == [expected]
+
+
 @pytest.fixture(scope='module')
 def coldstart_run(toy):
     out = toy.dir / 'coldstart'
