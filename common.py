@@ -25,6 +25,8 @@ def _parse_value(key, text, default):
         value = text
     if isinstance(default, bool) and isinstance(value, str) and value.lower() in ('true', 'false'):
         value = value.lower() == 'true'
+    if isinstance(default, str) and not isinstance(value, str):  # a text key takes the text as written: 1,16 or 42
+        value = text
     return _check_type(key, value, default)
 
 

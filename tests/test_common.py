@@ -16,6 +16,9 @@ def test_overrides_are_parsed_and_typed():
     assert c == dict(stage='u4g', steps=20, lr=1e-3, compile=True, out_dir='out', device=None)
     assert configure(defaults(), ['--lr=1'])['lr'] == 1.0 and isinstance(configure(defaults(), ['--lr=1'])['lr'], float)
     assert configure(defaults(), ['--compile=false'])['compile'] is False
+    # a text key keeps what was typed, even where it reads as a number or a tuple
+    assert configure(defaults(), ['--out_dir=1,16'])['out_dir'] == '1,16'
+    assert configure(defaults(), ['--out_dir=42'])['out_dir'] == '42'
 
 
 def test_unknown_key_and_wrong_type_are_errors():
