@@ -349,6 +349,9 @@ def main():
 
     train_images, train_records = world.load_split(os.path.join(cfg['data_dir'], 'train'))
     val_images, val_records = world.load_split(os.path.join(cfg['data_dir'], 'val'))
+    if len(train_records) < B:
+        raise ValueError(f"{os.path.join(cfg['data_dir'], 'train')}: {len(train_records)} training scenes, fewer than "
+                         f'batch_size={B}')
     if kind == 'decoder':
         raw, enc, pooled, codec = build_decoder(cfg, device, train_images)
     else:

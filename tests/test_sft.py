@@ -309,6 +309,11 @@ def test_unknown_model_is_an_error(toy, tmp_path):
         run_sft(dict(args(toy, 'encoder', tmp_path), model='vae'))
 
 
+def test_fewer_scenes_than_a_batch_is_an_error(toy, tmp_path):
+    with pytest.raises(ValueError, match=r'256 training scenes, fewer than batch_size=512'):
+        run_sft(dict(args(toy, 'encoder', tmp_path), batch_size=512))
+
+
 def test_corrupt_or_missing_checkpoint_on_resume(trained, tmp_path):
     out = tmp_path / 'run'
     shutil.copytree(trained['decoder']['out'], out)
