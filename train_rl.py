@@ -241,8 +241,10 @@ def evaluate(cfg, enc, dit, vae, pooled, images, scenes=None, fixed_captions=Non
     else:
         texts, lengths = fixed_captions, torch.tensor([len(enc.tokenizer.encode(t)) + 1. for t in fixed_captions])
     bs = cfg['eval_batch'] or len(images)
-    recon = np.concatenate([generate(enc, dit, vae, pooled, texts[i:i + bs], cfg['negative_prompt'], cfg['size'] or None,
-                                     cfg['eval_steps'], cfg['cfg'], cfg['shift'], gen) for i in range(0, len(texts), bs)])
+    draw = lambda prompts: np.concatenate([generate(enc, dit, vae, pooled, prompts[i:i + bs], cfg['negative_prompt'],
+                                                    cfg['size'] or None, cfg['eval_steps'], cfg['cfg'], cfg['shift'], gen)
+                                           for i in range(0, len(prompts), bs)])
+    recon = draw(texts)
     if scenes is None:
         means = {k: v.float().mean().item() for k, v in reward_fn.metrics(recon, np.asarray(images)).items()}
         w = reward_fn.weights
@@ -255,9 +257,7 @@ def evaluate(cfg, enc, dit, vae, pooled, images, scenes=None, fixed_captions=Non
     # how well the decoder reads a caption, whatever the encoder says: reconstructions from the complete
     # ground-truth captions. The LLM that captions also conditions the decoder (SPEC §2), so G4U's adapter
     # moves this too, and U4G is what can bring it back
-    truth = [world.caption(s) for s in scenes]
-    redrawn = np.concatenate([generate(enc, dit, vae, pooled, truth[i:i + bs], cfg['negative_prompt'], cfg['size'] or None,
-                                       cfg['eval_steps'], cfg['cfg'], cfg['shift'], gen) for i in range(0, len(truth), bs)])
+    redrawn = draw([world.caption(s) for s in scenes])
     decoder_f1 = [world.score(world.parse_image(r), s)['object_f1'] for r, s in zip(redrawn, scenes)]
     return dict(object_f1=float(np.mean([s['object_f1'] for s in scores])),
                 decoder_f1=float(np.mean(decoder_f1)),
