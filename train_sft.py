@@ -432,8 +432,8 @@ def main():
         if step >= cfg['warmup']:  # cosine decay to min_lr
             frac = (step - cfg['warmup']) / max(1, cfg['max_steps'] - cfg['warmup'])
             lr = cfg['min_lr'] + 0.5 * (cfg['lr'] - cfg['min_lr']) * (1 + math.cos(math.pi * frac))
-        for g in opt.param_groups:
-            frozen = kind == 'encoder' and g['scale'] != 1.0 and step < cfg['freeze_vision_steps']
+        for i, g in enumerate(opt.param_groups):  # group 1, when there is one, is the slow group
+            frozen = kind == 'encoder' and i == 1 and step < cfg['freeze_vision_steps']
             g['lr'] = 0.0 if frozen else lr * g['scale']
         idx = batch_indices(step, len(train_records), B, cfg['seed'])
         rng = np.random.default_rng([cfg['seed'], step, 1])
