@@ -624,6 +624,8 @@ class Encoder(nn.Module):
         with torch.device('meta'):  # no random init of weights that are loaded next
             model = cls(config).to(dtype)
         model = model.to_empty(device=device)
+        if config.tie_word_embeddings:  # to_empty gives each name its own storage: tie them again
+            model.lm_head.weight = model.model.language_model.embed_tokens.weight
         model.load_weights(state, directory)
         if any(os.path.exists(os.path.join(directory, f)) for f in ('tokenizer.json', 'vocab.json')):
             model.tokenizer = Tokenizer.from_pretrained(directory)

@@ -227,7 +227,11 @@ def test_checkpoints_round_trip_with_transformers(tmp_path, tied):
         assert (hf_logits(Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / 'ours')).eval(), batch)
                 - want)[real].abs().max() < 1e-4
         hf.save_pretrained(str(tmp_path / 'hf'))  # transformers -> ours
-        assert torch.equal(Encoder.from_pretrained(str(tmp_path / 'hf'))(**batch), want)
+        loaded = Encoder.from_pretrained(str(tmp_path / 'hf'))
+        assert torch.equal(loaded(**batch), want)
+        # still tied: one tensor (trained as one, and the 3B model's 311M-parameter embedding held once)
+        embed = loaded.model.language_model.embed_tokens.weight
+        assert (loaded.lm_head.weight is embed) == tied
         # old layout: flat config with rope_scaling, keys visual.* / model.*, sharded with an index
         config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
         flat = dict(config, **config.pop('text_config'))
