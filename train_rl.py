@@ -231,8 +231,8 @@ def eval_captions(cfg, enc, images, gen):
 @torch.no_grad()
 def evaluate(cfg, enc, dit, vae, pooled, images, scenes=None, fixed_captions=None, reward_fn=None):
     """Caption (fixed seed) unless captions are given, then reconstruct (eval_steps, fixed noise).
-    Toy world (scenes given): object F1 of the reconstructions, caption recall, pixel similarity, and the
-    decoder's object F1 from the complete ground-truth captions.
+    Toy world (scenes given): object F1 of the reconstructions, caption recall (objects, and each attribute
+    alone), pixel similarity, and the decoder's object F1 from the complete ground-truth captions.
     Real images: each reward metric's mean similarity, and as `reward` their weighted mean (of the raw
     similarities: the z-scores that mix them in training average to 0 over any batch)."""
     gen = torch.Generator(pooled.device).manual_seed(cfg['seed'])
@@ -252,7 +252,9 @@ def evaluate(cfg, enc, dit, vae, pooled, images, scenes=None, fixed_captions=Non
                     **{f'reward_{k}': v for k, v in means.items() if len(means) > 1},
                     caption_tokens=float(lengths.mean()), example=texts[0]), texts
     scores = [world.score(world.parse_image(r), s) for r, s in zip(recon, scenes)]
-    recall = [world.score(world.parse_caption(t), s)['object_recall'] for t, s in zip(texts, scenes)]
+    # what the captions get right: objects (all four attributes) and each attribute alone, so that an
+    # attribute the captioner never learned shows (the previous toy encoder's sizes: README, G4U)
+    said = [world.score(world.parse_caption(t), s) for t, s in zip(texts, scenes)]
     pixel = 1 - np.abs(recon.astype(np.float32) - np.asarray(images, np.float32)).mean(axis=(1, 2, 3)) / 255
     # how well the decoder reads a caption, whatever the encoder says: reconstructions from the complete
     # ground-truth captions. The LLM that captions also conditions the decoder (SPEC §2), so G4U's adapter
@@ -262,7 +264,8 @@ def evaluate(cfg, enc, dit, vae, pooled, images, scenes=None, fixed_captions=Non
     return dict(object_f1=float(np.mean([s['object_f1'] for s in scores])),
                 decoder_f1=float(np.mean(decoder_f1)),
                 attribute_f1=float(np.mean([grpo.SCENE_METRICS['scene_attributes'](s) for s in scores])),
-                caption_recall=float(np.mean(recall)),
+                caption_recall=float(np.mean([c['object_recall'] for c in said])),
+                **{f'caption_{a}_recall': float(np.mean([c[f'{a}_recall'] for c in said])) for a in world.ATTRS},
                 caption_tokens=float(lengths.mean()), pixel=float(np.mean(pixel)), example=texts[0]), texts
 
 
@@ -471,7 +474,8 @@ def main():
             result, _ = evaluate(cfg, enc, dit, vae, pooled, val_images, val_scenes, fixed, reward_fn)
         rows.append(dict(step=step, **{f'val_{k}': v for k, v in result.items()}))
         score = (f"object F1 {result['object_f1']:.3f} | attribute F1 {result['attribute_f1']:.3f} | caption recall "
-                 f"{result['caption_recall']:.3f} | decoder F1 (true captions) {result['decoder_f1']:.3f}" if toy else
+                 f"{result['caption_recall']:.3f} (size {result['caption_size_recall']:.2f}, cell "
+                 f"{result['caption_cell_recall']:.2f}) | decoder F1 (true captions) {result['decoder_f1']:.3f}" if toy else
                  ' | '.join(f'{k} {v:.4f}' for k, v in result.items() if k.startswith('reward')))
         print(f"eval step {step}: {score} | caption tokens {result['caption_tokens']:.1f}"
               + (f" | pixel {result['pixel']:.4f}" if toy else '') + f" | {result['example']!r}", flush=True)

@@ -277,6 +277,24 @@ def test_coldstart_lowers_its_loss(toy, coldstart_run):
     assert sum(last) < 0.995 * sum(last_untrained), (trained, untrained)
 
 
+def test_evaluate_reports_what_captions_get_right(toy):
+    """The toy evaluation scores the captions attribute by attribute: true complete captions score 1 on
+    every attribute; the same with every size swapped score 0 on size and on whole objects, 1 elsewhere."""
+    enc, dit, vae, pooled = load_uae(toy.cfg, 'cpu')
+    images, records = world.load_split(os.path.join(toy.paths['data_dir'], 'val'))
+    scenes = [r['scene'] for r in records[:4]]
+    swapped = copy.deepcopy(scenes)
+    for s in swapped:
+        for o in s['objects']:
+            o['size'] = 'large' if o['size'] == 'small' else 'small'
+    cfg = dict(toy.cfg, eval_steps=2)
+    for captions, size, whole in (([world.caption(s) for s in scenes], 1.0, 1.0),
+                                  ([world.caption(s) for s in swapped], 0.0, 0.0)):
+        result, _ = train_rl.evaluate(cfg, enc, dit, vae, pooled, images[:4], scenes, captions)
+        assert (result['caption_recall'], result['caption_size_recall']) == (whole, size), result
+        assert result['caption_color_recall'] == result['caption_shape_recall'] == result['caption_cell_recall'] == 1.0
+
+
 def test_saved_adapters_reproduce_the_trained_model(toy, coldstart_run):
     """out_dir/llm (trained projector) + llm_lora + dit_lora, loaded as sample.py does (lora.load_peft into
     fresh models), hold the trained weights and give back the run's final evaluation exactly."""
