@@ -155,7 +155,7 @@ def bench_encoder(args):
     config = dict(sizes='tiny,toy', batches='1,16', new_tokens=64, text_tokens=40, dtype='float32',
                   warmup=1, iters=20, device='auto', seed=0, threads=0)
     # iters: on this shared CPU the best of 5 runs moved the toy batch-16 ratio between 1.29 and 1.64 from one
-    # invocation to the next; the best of 20 moves less (and the whole task still takes about a minute)
+    # invocation to the next; the best of 20 moves less (the whole task takes about 30 s)
     configure(config, args)
     device = pick_device(config['device'])
     if config['threads']:  # on a shared CPU, waking a second thread for tiny ops can cost a whole time slice

@@ -473,9 +473,9 @@ def main():
         with autocast(device, cfg['dtype']):
             result, _ = evaluate(cfg, enc, dit, vae, pooled, val_images, val_scenes, fixed, reward_fn)
         rows.append(dict(step=step, **{f'val_{k}': v for k, v in result.items()}))
+        attrs = ', '.join(f"{a} {result['caption_' + a + '_recall']:.2f}" for a in world.ATTRS) if toy else ''
         score = (f"object F1 {result['object_f1']:.3f} | attribute F1 {result['attribute_f1']:.3f} | caption recall "
-                 f"{result['caption_recall']:.3f} (size {result['caption_size_recall']:.2f}, cell "
-                 f"{result['caption_cell_recall']:.2f}) | decoder F1 (true captions) {result['decoder_f1']:.3f}" if toy else
+                 f"{result['caption_recall']:.3f} ({attrs}) | decoder F1 (true captions) {result['decoder_f1']:.3f}" if toy else
                  ' | '.join(f'{k} {v:.4f}' for k, v in result.items() if k.startswith('reward')))
         print(f"eval step {step}: {score} | caption tokens {result['caption_tokens']:.1f}"
               + (f" | pixel {result['pixel']:.4f}" if toy else '') + f" | {result['example']!r}", flush=True)
