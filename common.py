@@ -91,6 +91,13 @@ def configure(config, argv=None):
     return config
 
 
+def require_positive(config, *keys):
+    """Intervals such as eval_every must be >= 1 (0 would divide by zero mid-run, after the model loaded)."""
+    for key in keys:
+        if config[key] < 1:
+            raise ValueError(f"config key '{key}' must be >= 1, got {config[key]!r}")
+
+
 # -----------------------------------------------------------------------------
 # weights I/O: safetensors only, strict, atomic
 

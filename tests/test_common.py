@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from common import atomic_write, configure, load_safetensors, save_safetensors
+from common import atomic_write, configure, load_safetensors, require_positive, save_safetensors
 
 
 def defaults():
@@ -63,3 +63,9 @@ def test_truncated_safetensors_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(ValueError, match='x.safetensors'):
         load_safetensors(str(path))
+
+
+def test_intervals_must_be_positive():
+    require_positive(dict(eval_every=1, save_every=50), 'eval_every', 'save_every')
+    with pytest.raises(ValueError, match="'save_every' must be >= 1, got 0"):
+        require_positive(dict(eval_every=1, save_every=0), 'eval_every', 'save_every')

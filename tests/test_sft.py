@@ -309,6 +309,11 @@ def test_unknown_model_is_an_error(toy, tmp_path):
         run_sft(dict(args(toy, 'encoder', tmp_path), model='vae'))
 
 
+def test_zero_interval_is_an_error(toy, tmp_path):
+    with pytest.raises(ValueError, match="'eval_every' must be >= 1, got 0"):  # not a ZeroDivisionError at step 1
+        run_sft(dict(args(toy, 'encoder', tmp_path), eval_every=0))
+
+
 def test_fewer_scenes_than_a_batch_is_an_error(toy, tmp_path):
     with pytest.raises(ValueError, match=r'256 training scenes, fewer than batch_size=512'):
         run_sft(dict(args(toy, 'encoder', tmp_path), batch_size=512))
