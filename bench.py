@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import atomic_write, autocast, configure, pick_device, save_json
+from common import atomic_write, autocast, configure, keep_freed_memory, pick_device, save_json
 from grpo import SCENE_METRICS
 
 
@@ -743,4 +743,5 @@ if __name__ == '__main__':
             break
     if task not in TASKS:
         sys.exit(f"unknown --task {task!r}; choose from {', '.join(sorted(TASKS))}")
+    keep_freed_memory()  # the speed comparisons run both sides on the same allocator
     TASKS[task](args)

@@ -4,6 +4,7 @@ the one attention function both models call, and device / distributed setup.
 """
 import ast
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -217,6 +218,24 @@ def attention(q, k, v, causal=False, mask=None):
 
 # -----------------------------------------------------------------------------
 # device, precision and distributed setup
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for the next tensors instead of handing it back to the kernel.
+
+    By default glibc maps large blocks afresh and trims the heap whenever enough of its top is free, so the
+    activations of a large batch page-fault again on every pass. On the 2-core VM this was written on, the
+    toy evaluation of 300 images (`train_rl.py --stage=u4g --steps=0 --eval_images=300`) took 67-74 s,
+    14-19 s of it in the kernel, and 54-57 s (3-4 s) with this call, same numbers out. PyTorch's CPU tuning
+    guide gets the same from jemalloc or tcmalloc via LD_PRELOAD; this needs no extra library. The entry
+    points call it first thing. Returns False where the C library has no mallopt (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    # blocks up to 32 MB (glibc's largest setting) come from the heap; up to 1 GB of free heap is kept
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
 
 def pick_device(name='auto'):
     if name != 'auto':

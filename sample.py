@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import model_decoder as D
-from common import autocast, configure, load_safetensors, pick_device
+from common import autocast, configure, keep_freed_memory, load_safetensors, pick_device
 from lora import load_peft
 from model_encoder import Encoder, load_image
 
@@ -160,6 +160,7 @@ def demo(cfg, enc, dit, vae, pooled, device):
 
 
 def main():
+    keep_freed_memory()
     cfg = configure(config)
     device = pick_device(cfg['device'])
     t0 = time.time()

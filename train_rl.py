@@ -23,8 +23,9 @@ from PIL import Image, ImageDraw
 
 import grpo
 import model_decoder as D
-from common import (autocast, configure, load_checkpoint, optimizer_from_files, optimizer_to_files,
-                    require_positive, save_checkpoint, setup_distributed, teardown_distributed)
+from common import (autocast, configure, keep_freed_memory, load_checkpoint, optimizer_from_files,
+                    optimizer_to_files, require_positive, save_checkpoint, setup_distributed,
+                    teardown_distributed)
 from data.shapes import world
 from lora import apply_lora, lora_disabled, lora_layers, lora_parameters, save_peft
 from model_encoder import load_image
@@ -411,6 +412,7 @@ def named_trainables(enc, dit):
 
 
 def main():
+    keep_freed_memory()
     cfg = configure(config)
     require_positive(cfg, 'log_every', 'eval_every', 'save_every', 'images_per_step', 'group_size', 'micro_batch')
     stage = cfg['stage']

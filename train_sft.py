@@ -24,9 +24,9 @@ import torch.distributed as dist
 from PIL import Image
 
 import model_decoder as D
-from common import (autocast, configure, load_checkpoint, load_safetensors, load_state_dict_strict,
-                    optimizer_from_files, optimizer_to_files, require_positive, save_checkpoint, save_safetensors,
-                    setup_distributed, teardown_distributed)
+from common import (autocast, configure, keep_freed_memory, load_checkpoint, load_safetensors,
+                    load_state_dict_strict, optimizer_from_files, optimizer_to_files, require_positive,
+                    save_checkpoint, save_safetensors, setup_distributed, teardown_distributed)
 from data.shapes import world
 from model_encoder import Encoder
 
@@ -332,6 +332,7 @@ def export(cfg, kind, state, raw, enc, pooled, codec, out_dir):
 # -----------------------------------------------------------------------------
 
 def main():
+    keep_freed_memory()
     cfg = configure(config)
     require_positive(cfg, 'log_every', 'eval_every', 'save_every', 'batch_size', 'grad_accum')
     kind = cfg['model']

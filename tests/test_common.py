@@ -1,5 +1,8 @@
 """The config helper and the atomic writes every script relies on."""
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,3 +72,35 @@ def test_intervals_must_be_positive():
     require_positive(dict(eval_every=1, save_every=50), 'eval_every', 'save_every')
     with pytest.raises(ValueError, match="'save_every' must be >= 1, got 0"):
         require_positive(dict(eval_every=1, save_every=0), 'eval_every', 'save_every')
+
+
+FAULTS_OF_A_REUSED_BLOCK = """
+import ctypes, resource, sys
+import common
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+if sys.argv[1] == 'keep':
+    assert common.keep_freed_memory()
+faults = []
+for _ in range(2):  # a 16 MB block written, freed, and again
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(16 << 20)
+    libc.memset(p, 1, 16 << 20)
+    libc.free(p)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(faults[1])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='a glibc malloc setting')
+def test_keep_freed_memory_reuses_a_freed_block():
+    """By default glibc maps the first large block afresh and unmaps it when freed, and the second one
+    grows the heap: its 4 KB pages fault in again. After keep_freed_memory() the freed block is reused."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    def second_block_faults(mode):  # a fresh process: the allocator's state is per process
+        run = subprocess.run([sys.executable, '-c', FAULTS_OF_A_REUSED_BLOCK, mode], cwd=root, capture_output=True,
+                             text=True, check=True)
+        return int(run.stdout)
+    assert second_block_faults('default') > 2000  # 16 MB = 4096 pages
+    assert second_block_faults('keep') < 100
