@@ -298,7 +298,7 @@ def g4u_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_siz
         mb = {k: v[sl] for k, v in batch.items() if k != 'pixel_values'}
         rows = torch.arange(n)[sl]
         patches = batch['image_grid_thw'].prod(-1)  # pixel_values rows belonging to each image
-        start = torch.cat([torch.zeros(1, dtype=torch.long), patches.cumsum(0)])
+        start = torch.cat([patches.new_zeros(1), patches.cumsum(0)])  # on the model's device, as patches
         mb['pixel_values'] = batch['pixel_values'][start[rows[0]]:start[rows[-1] + 1]]
         suppress = enc.vision_tokens()
         logp, ent = enc.token_logprobs(mb, out.tokens[sl], mask[sl], cfg['temperature'], True, suppress)
