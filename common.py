@@ -93,7 +93,8 @@ def configure(config, argv=None):
 
 
 def require_positive(config, *keys):
-    """Intervals such as eval_every must be >= 1 (0 would divide by zero mid-run, after the model loaded)."""
+    """Intervals and sizes (eval_every, batch_size, ...) must be >= 1: checked before anything loads, since
+    an eval_every of 0 would otherwise divide by zero at the first step."""
     for key in keys:
         if config[key] < 1:
             raise ValueError(f"config key '{key}' must be >= 1, got {config[key]!r}")

@@ -495,7 +495,7 @@ class Encoder(nn.Module):
         cache = KVCache(self.config.num_hidden_layers, L0 + max_new_tokens)
         h, nxt = self.hidden_states(input_ids, valid[:, :L0], pixel_values, image_grid_thw, cache)
         last = valid[:, :L0].long().cumsum(1).argmax(1)  # last real prompt token of each row
-        logits = self.lm_head(h[torch.arange(B), last])
+        logits = self.lm_head(h[torch.arange(B, device=h.device), last])
         tokens, logprobs, masks = [], [], []
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         key_valid = None if bool(valid.all()) else valid

@@ -395,6 +395,7 @@ def test_mixed_rewards_are_zscored_and_logged_raw():
     mixed, log = train_rl.rollout_rewards(single, None, None, 1, 'cpu')
     assert torch.equal(mixed, a) and log['reward'] == pytest.approx(0.65) and 'reward_a' not in log
 
+
 def test_zero_interval_is_an_error(toy, tmp_path):
     with pytest.raises(ValueError, match="'eval_every' must be >= 1, got 0"):  # not a ZeroDivisionError at step 1
         run_main(cli(toy, 'g4u', tmp_path / 'out', eval_every=0))
