@@ -5,6 +5,7 @@ the one attention function both models call, and device / distributed setup.
 import ast
 import contextlib
 import ctypes
+import datetime
 import json
 import os
 import shutil
@@ -266,7 +267,9 @@ def setup_distributed(device='auto'):
     if dev.type == 'cuda':
         dev = torch.device('cuda', local_rank)
         torch.cuda.set_device(dev)
-    torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    # the other ranks wait at the next collective while rank 0 evaluates or writes a checkpoint alone:
+    # NCCL's default timeout (10 minutes) would kill a long evaluation of a real model
+    torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', timeout=datetime.timedelta(hours=2))
     return rank, world, dev
 
 

@@ -552,7 +552,7 @@ class Embedder:
             groups = [torch.stack(pixels)] if len({p.shape for p in pixels}) == 1 else [p[None] for p in pixels]
             for x in groups:
                 feats.append(F.normalize(self.model(x.to(self.device, self.dtype)).float(), dim=-1))
-        return torch.cat(feats) if feats else torch.zeros(0, self.model.out_dim)
+        return torch.cat(feats) if feats else torch.zeros(0, self.model.out_dim, device=self.device)
 
     def similarity(self, a, b):
         return cosine(a, b)
@@ -567,7 +567,7 @@ class PixelEmbedder:
 
     def embed(self, images):
         if not images:
-            return torch.zeros(0, 3 * self.size * self.size)
+            return torch.zeros(0, 3 * self.size * self.size, device=self.device)
         arrays = [np.asarray(to_rgb(img).resize((self.size, self.size), Image.BILINEAR)) for img in images]
         return torch.from_numpy(np.stack(arrays)).to(self.device).flatten(1).float() / 255
 

@@ -381,7 +381,7 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, gen
         # inverse CDF: one uniform per row (torch.multinomial draws far more random numbers on the CPU)
         cdf = logits.softmax(-1).double().cumsum(-1)
         u = torch.rand(len(cdf), 1, generator=generator, dtype=cdf.dtype,
-                       device=generator.device if generator is not None else cdf.device) * cdf[:, -1:]
+                       device=generator.device if generator is not None else cdf.device).to(cdf.device) * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
@@ -534,7 +534,11 @@ class Encoder(nn.Module):
         """The decoder's context: projector(prompt_hidden(texts)), (B, L, projector_out_size)."""
         if self.projector is None:
             raise ValueError('this encoder has no projector (projector_hidden_size is not set)')
-        return self.projector(self.prompt_hidden(texts, tokenizer))
+        return self.project(self.prompt_hidden(texts, tokenizer))
+
+    def project(self, hidden):
+        """projector(hidden) in the projector's own dtype: cold start trains it in fp32 inside a bf16 model."""
+        return self.projector(hidden.to(self.projector[0].weight.dtype))
 
     def caption_inputs(self, images, tokenizer=None):
         """Left-padded captioning prompts (SPEC §2, one image each) for generate() and token_logprobs()."""

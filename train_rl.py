@@ -103,8 +103,8 @@ def all_reduce_grads(params, world_size):
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):  # torch.cat promoted mixed dtypes
+        p.grad = g.view_as(p).to(p.dtype)
 
 
 def rollout_rewards(reward_fn, recon, originals, world_size, device):
@@ -375,7 +375,7 @@ def coldstart_step(cfg, enc, dit, vae, pooled, images, captions, gen, world_size
     # the layer the decoder is conditioned on (Encoder.prompt_hidden): the last unless prompt_layer is set
     h, _ = enc.hidden_states(ids, torch.cat([batch['attention_mask'], mask], 1), batch['pixel_values'],
                              batch['image_grid_thw'], num_layers=enc.config.prompt_layer)
-    ctx = enc.projector(h[:, -tokens.shape[1]:])  # (B, T, joint_dim): the caption tokens' states
+    ctx = enc.project(h[:, -tokens.shape[1]:])  # (B, T, joint_dim): the caption tokens' states
     x = torch.randn(len(images), *latent_shape(cfg, dit, vae), generator=gen, device=gen.device).to(pooled.device)
     sigmas = D.sampling_sigmas(cfg['coldstart_steps'], cfg['shift']).tolist()
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
@@ -436,7 +436,8 @@ def main():
     if stage in ('u4g', 'coldstart'):
         trainable(dit, cfg, cfg['dit_lora_targets'])
     if stage == 'coldstart':
-        enc.projector.requires_grad_(True)
+        # fp32 like the LoRA adapters: a bf16 weight rounds away updates of lr x 1 (1e-5) altogether
+        enc.projector.float().requires_grad_(True)
     named = named_trainables(enc, dit)
     names, params = list(named), list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])

@@ -203,11 +203,16 @@ def test_torchrun_two_ranks_stay_in_sync(toy):
 SYNC_CHECK = """
 import sys
 import torch, torch.distributed as dist
-from train_rl import check_ranks_in_sync
+from train_rl import all_reduce_grads, check_ranks_in_sync
 rank = int(sys.argv[2])
 dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=rank, world_size=2)
 weights = {'a.lora_A.weight': torch.ones(2, 3), 'a.lora_B.weight': torch.arange(4.).view(4, 1)}
 print('in sync', check_ranks_in_sync(weights))
+# gradients of mixed dtypes (bf16 and fp32 parameters) are summed and handed back in each parameter's dtype
+params = [torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16)), torch.nn.Parameter(torch.zeros(2))]
+params[0].grad, params[1].grad = torch.full((3,), 1. + rank, dtype=torch.bfloat16), None
+all_reduce_grads(params, 2)
+print('grads', [(str(p.grad.dtype), p.grad.tolist()) for p in params])
 weights['a.lora_B.weight'][2] += 2 ** -20 * rank  # one element of one rank drifts by a few ulps
 try:
     check_ranks_in_sync(weights)
@@ -226,6 +231,7 @@ def test_rank_sync_check_catches_drift(tmp_path):
         log, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, log
         assert 'in sync 10' in log
+        assert "grads [('torch.bfloat16', [3.0, 3.0, 3.0]), ('torch.float32', [0.0, 0.0])]" in log, log
         assert "ranks diverged: 1 of 2 trainable tensors differ" in log and "['a.lora_B.weight']" in log, log
 
 
@@ -275,6 +281,20 @@ def test_coldstart_lowers_its_loss(toy, coldstart_run):
     assert all(a < b for a, b in zip(last, last_untrained)), (trained, untrained)
     # measured: about 1 % lower over the last 8 steps (tiny random models, lr 1e-3, 16 steps)
     assert sum(last) < 0.995 * sum(last_untrained), (trained, untrained)
+
+
+def test_coldstart_trains_the_projector_in_fp32_in_a_bf16_model(toy):
+    """With dtype=bfloat16 the frozen weights are bf16, but the projector trains in fp32 like the adapters:
+    a bf16 weight of magnitude ~0.05 has an ulp of ~2e-4 and rounds an update of lr 1e-5 away entirely."""
+    out = toy.dir / 'coldstart_bf16'
+    run_main(cli(toy, 'coldstart', out, steps=1, lr=1e-5, dtype='bfloat16', eval_every=100, save_every=100))
+    before = load_safetensors(os.path.join(toy.paths['llm'], 'model.safetensors'))
+    after = load_safetensors(str(out / 'llm' / 'model.safetensors'))
+    for k in ('projector.0.weight', 'projector.2.weight'):
+        assert after[k].dtype == torch.float32, k
+        moved = (after[k] - before[k].to(torch.bfloat16).float()).abs()
+        assert 0 < moved.max() < 1e-4, (k, moved.max())  # moved, by about lr per step
+    assert after['model.language_model.embed_tokens.weight'].dtype == torch.bfloat16  # frozen weights as loaded
 
 
 def test_evaluate_reports_what_captions_get_right(toy):
