@@ -81,7 +81,9 @@ def linear_outside_autocast(layer, x):
 
 
 def norm(x):
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)  # no affine weights: adaLN supplies them
+    """LayerNorm without affine parameters (adaLN supplies them). The weight of ones changes no number,
+    but PyTorch's CPU kernel only takes its vectorised path with a weight: 2x faster at (8, 256, 384)."""
+    return F.layer_norm(x, x.shape[-1:], x.new_ones(x.shape[-1]), None, eps=1e-6)
 
 
 def modulate(x, shift, scale):
@@ -177,8 +179,10 @@ class JointAttention(nn.Module):
 
     def _heads(self, x, proj, norm=None):
         """x (B, n, D) -> (B, heads, n, head_dim), normalised per head if a qk-norm is given (SD3.5)."""
-        y = proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        return y if norm is None else norm(y)
+        y = proj(x).unflatten(-1, (self.heads, -1))  # (B, n, heads, head_dim), contiguous
+        # normalised before the transpose: the norm's casts and element-wise ops (and their backward) run
+        # ~3x faster on the contiguous layout than on the transposed view
+        return (y if norm is None else norm(y)).transpose(1, 2)
 
     def forward(self, x, c=None):
         """x (B, N, D), c (B, L, D) or None -> (x_out (B, N, D), c_out (B, L, D) or None)."""
