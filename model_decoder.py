@@ -180,8 +180,8 @@ class JointAttention(nn.Module):
     def _heads(self, x, proj, norm=None):
         """x (B, n, D) -> (B, heads, n, head_dim), normalised per head if a qk-norm is given (SD3.5)."""
         y = proj(x).unflatten(-1, (self.heads, -1))  # (B, n, heads, head_dim), contiguous
-        # normalised before the transpose: the norm's casts and element-wise ops (and their backward) run
-        # ~3x faster on the contiguous layout than on the transposed view
+        # normalised before the transpose: its casts and element-wise ops then run on the contiguous layout
+        # (RMSNorm forward + backward ~9 % faster than on the transposed view at (8, 256, 6, 64) on the CPU)
         return (y if norm is None else norm(y)).transpose(1, 2)
 
     def forward(self, x, c=None):
