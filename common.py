@@ -216,11 +216,11 @@ def attention(q, k, v, causal=False, mask=None):
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     if (q.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and mask is None and not causal
-            and q.shape[2] >= 64):
-        # PyTorch's CPU flash kernel is slower in bf16 than in fp32 (its backward 1.2-1.9x at 333-112 tokens),
-        # so long unmasked attention (the decoder's) runs in fp32 on the CPU: faster, and no less exact. Not a
-        # decoding step: its casts would copy the whole KV cache for a few query rows. (CPU autocast would
-        # cast the fp32 copies straight back to bf16, hence disabled.)
+            and q.shape[2] >= 64 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        # PyTorch's CPU flash kernel is as fast in bf16 as in fp32 forward, but its backward is 1.2-1.9x slower
+        # (333-112 tokens): long unmasked attention that is trained (the decoder's) runs in fp32 on the CPU,
+        # faster, and no less exact. Not a decoding step: its casts would copy the whole KV cache for a few
+        # query rows. (CPU autocast would cast the fp32 copies straight back to bf16, hence disabled.)
         with torch.autocast('cpu', enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)

@@ -178,20 +178,26 @@ def test_common_attention_dispatch(monkeypatch):
 
 def test_cpu_low_precision_attention_runs_in_fp32(monkeypatch):
     """On the CPU, long unmasked bf16 / fp16 attention (the decoder's) runs as fp32 SDPA, with autocast on or
-    off (autocast would cast the fp32 copies back): faster there (bench.py --task decoder) and no further from
-    the exact result than SDPA in bf16 (measured: 7 % nearer). A decoding step's few rows keep their dtype."""
+    off (autocast would cast the fp32 copies back), when it is trained: faster there (bench.py --task decoder)
+    and no further from the exact result than SDPA in bf16 (measured: 7 % nearer). Without gradients, and for
+    a decoding step's few rows, SDPA runs in the inputs' dtype."""
     monkeypatch.setenv('NANOUAE_ATTENTION', 'auto')
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 80, 16, generator=g) * s for s in (3.0, 1.0, 1.0))  # peaked softmax
     for dtype in (torch.bfloat16, torch.float16):
-        qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+        qd, kd, vd = (t.to(dtype).requires_grad_() for t in (q, k, v))
         in_fp32 = F.scaled_dot_product_attention(qd.float(), kd.float(), vd.float()).to(dtype)
         for on in (False, True):
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=on):
-                assert torch.equal(common.attention(qd, kd, vd), in_fp32), (dtype, on)
+                out = common.attention(qd, kd, vd)
+                assert torch.equal(out, in_fp32), (dtype, on)
+        out.float().square().sum().backward()
+        assert qd.grad.dtype == dtype and qd.grad.abs().sum() > 0
+        with torch.no_grad():  # the gain is the backward's: without gradients SDPA runs in the inputs' dtype
+            assert torch.equal(common.attention(qd, kd, vd), F.scaled_dot_product_attention(qd, kd, vd))
         step = common.attention(qd[:, :, -2:], kd, vd)
         assert torch.equal(step, F.scaled_dot_product_attention(qd[:, :, -2:], kd, vd))
-    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
     exact = reference(qb, kb, vb)
     err = lambda o: (o.double() - exact).norm().item()
     assert err(common.attention(qb, kb, vb)) < err(F.scaled_dot_product_attention(qb, kb, vb))
