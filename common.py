@@ -216,7 +216,7 @@ def attention(q, k, v, causal=False, mask=None):
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     if (q.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and mask is None and not causal
-            and q.shape[2] >= 64 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+            and q.shape[2] >= 64 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         # PyTorch's CPU flash kernel is as fast in bf16 as in fp32 forward, but its backward is 1.2-1.9x slower
         # (333-112 tokens): long unmasked attention that is trained (the decoder's) runs in fp32 on the CPU,
         # faster, and no less exact. Not a decoding step: its casts would copy the whole KV cache for a few
