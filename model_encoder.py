@@ -381,7 +381,8 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, gen
         # inverse CDF: one uniform per row (torch.multinomial draws far more random numbers on the CPU)
         cdf = logits.softmax(-1).double().cumsum(-1)
         u = torch.rand(len(cdf), 1, generator=generator, dtype=cdf.dtype,
-                       device=generator.device if generator is not None else cdf.device).to(cdf.device) * cdf[:, -1:]
+                       device=generator.device if generator is not None else cdf.device)  # the generator's device
+        u = u.to(cdf.device) * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
