@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 import model_decoder as md
+from lora import apply_lora, lora_layers
 from model_decoder import MMDiT, MMDiTConfig
 
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
@@ -69,8 +70,38 @@ def test_diffusers_checkpoint_loads_with_equal_outputs(saved_reference, H, W):
     got = run_ours(model, x, t, c, p)
     assert got.shape == expected.shape == x.shape
     assert (got - expected).abs().max() < 1e-5, style
-    # with gradients on, the last block keeps its (unused) text queries: same numbers
-    assert (model(x, t, c, p).detach() - expected).abs().max() < 1e-5, style
+
+
+@pytest.mark.parametrize('lora', [False, True])
+def test_gradients_equal_diffusers(saved_reference, lora):
+    """Same loss, same gradient for every parameter, including the exact zero that diffusers gives the last
+    block's unused text queries (ours never computes them); with LoRA on them, their A and B get zeros too."""
+    style, ref, directory = saved_reference
+    model = MMDiT.from_pretrained(directory)
+    if lora:
+        model.requires_grad_(False)
+        apply_lora(model, ['add_q_proj', 'to_out.0'], r=2, alpha=2)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.weight.normal_()
+    x, t, c, p = inputs(H=12, W=20)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    ((model(x, t, c, p) - target) ** 2).mean().backward()
+    params = dict(model.named_parameters())
+    got = {n: w.grad for n, w in params.items() if w.requires_grad}
+    assert all(g is not None for g in got.values()), [n for n, g in got.items() if g is None]
+    dead = f'transformer_blocks.{TINY["num_layers"] - 1}.attn.add_q_proj'
+    assert (got[dead + ('.lora_B.weight' if lora else '.weight')] == 0).all()
+    if lora:
+        return
+    ref = ref.train()
+    ref.zero_grad()
+    out = ref(hidden_states=x, encoder_hidden_states=c, pooled_projections=p, timestep=t).sample
+    ((out - target) ** 2).mean().backward()
+    expected = dict(ref.named_parameters())
+    assert got.keys() == expected.keys()
+    for n, g in got.items():
+        assert torch.allclose(g, expected[n].grad, rtol=1e-4, atol=1e-6), (style, n)
 
 
 def test_our_checkpoint_loads_in_diffusers(saved_reference, tmp_path):
