@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
@@ -326,6 +327,32 @@ def test_loss_backprop_with_checkpointing_gives_same_grads():
         v = model((1 - s) * x0 + s * noise, 1000 * sigma, c, p)
         loss = md.flow_matching_loss(model, x0, c, p, sigma=sigma, noise=noise)
     assert torch.allclose(loss, ((v - (noise - x0)) ** 2).mean())
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('weight_grad', [True, False])
+def test_rms_norm_backward_equals_autograd(dtype, weight_grad):
+    """The CPU's hand-written RMSNorm backward against autograd through F.rms_norm (the GPU path)."""
+    g = torch.Generator().manual_seed(0)
+    x0 = (3 * torch.randn(2, 5, 3, 16, generator=g)).to(dtype)
+    w0 = torch.randn(16, generator=g)
+    grad = torch.randn(2, 5, 3, 16, generator=g).to(dtype)
+    results = []
+    for fn in (lambda x, w: md.RMSNormFunction.apply(x, w, 1e-6),
+               lambda x, w: F.rms_norm(x.float(), (16,), w, 1e-6).to(x.dtype)):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(weight_grad)
+        y = fn(x, w)
+        y.backward(grad)
+        results.append((y, x.grad, w.grad))
+    (y, gx, gw), (y_ref, gx_ref, gw_ref) = results
+    assert y.dtype == gx.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    assert torch.allclose(y.float(), y_ref.float(), **tol)
+    assert torch.allclose(gx.float(), gx_ref.float(), **tol)
+    if weight_grad:
+        assert torch.allclose(gw, gw_ref, rtol=1e-5, atol=1e-5)
+    else:
+        assert gw is None
 
 
 def test_bf16_autocast_keeps_conditioning_in_fp32():
