@@ -127,18 +127,17 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)  # (..., 1)
         x_hat = xf * rstd
         ctx.save_for_backward(x_hat, rstd, weight)
-        ctx.x_dtype = x.dtype
         return (x_hat * weight.float()).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x_hat, rstd, weight = ctx.saved_tensors
-        grad = grad.float()
+        dtype, grad = grad.dtype, grad.float()  # the output's dtype, which is the input's
         g = grad * weight.float()
         # d/dx of x_hat = x * rstd: rstd * (g - x_hat * mean(g * x_hat)) over the normalised dim
         grad_x = (g - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
         grad_w = (grad * x_hat).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_x.to(ctx.x_dtype), grad_w, None
+        return grad_x.to(dtype), grad_w, None
 
 
 class RMSNorm(nn.Module):
