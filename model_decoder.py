@@ -225,17 +225,17 @@ class JointAttention(nn.Module):
         out = attention(q, k, v)  # (B, H, N or N+L, Dh)
         merge = lambda o: o.transpose(1, 2).flatten(2)  # (B, H, n, Dh) -> contiguous (B, n, D), one copy
         x_out = self.to_out[0](merge(out[:, :, :N]))
-        if c is not None and self.to_add_out is None and torch.is_grad_enabled():
-            # Those unused text queries still have trainable weights (diffusers computes them and gives them a
-            # zero gradient). They join the graph with weight zero, so that they get that exact zero gradient
-            # too and DDP finds every trainable parameter used: a sum over the weights instead of the queries.
+        c_out = None
+        if c is not None and self.to_add_out is not None:
+            c_out = self.to_add_out(merge(out[:, :, N:]))
+        elif c is not None and torch.is_grad_enabled():
+            # The last block's unused text queries still have trainable weights (diffusers computes them and
+            # gives them a zero gradient). They join the graph with weight zero, so that they get that exact zero
+            # gradient too and DDP finds every trainable parameter used: a sum over the weights, not the queries.
             dead = [w for m in (self.add_q_proj, self.norm_added_q) if m is not None
                     for w in m.parameters() if w.requires_grad]
             if dead:
                 x_out = x_out + sum(w.sum() for w in dead) * 0
-        c_out = None
-        if c is not None and self.to_add_out is not None:
-            c_out = self.to_add_out(merge(out[:, :, N:]))
         return x_out, c_out
 
 
