@@ -1,13 +1,14 @@
 """
-Unified-Bench and the project's speed benchmarks, in one place.
+Unified-Bench: caption every reference image, draw it again from the caption alone (I2T2I), and score
+each reconstruction against its original with CLIP, DINOv2, DINOv3, LongCLIP, pixels, or on the toy
+world exactly (its parser).
 
-    python bench.py                      # Unified-Bench (default task): the toy bench
-    python bench.py --images DIR         # Unified-Bench I2T2I over DIR (see bench_unibench for the options)
+    python bench.py                      # the toy bench: 100 toy test images, toy checkpoints
+    python bench.py --images DIR         # I2T2I over DIR (see bench_unibench for the options)
     python bench.py --generated DIR --reference DIR   # score existing reconstructions
-    python bench.py --task decoder       # MMDiT speed against diffusers
-    python bench.py --task encoder       # sampler speed against transformers' generate
-    python bench.py --task attention     # Triton attention against SDPA (GPU only)
-    python bench.py --task reward        # mean RL reward per caption detail level (toy checkpoints)
+    python bench.py --task reward        # the toy decoder from true captions, per detail level
+
+Speed benchmarks are bench_speed.py.
 """
 import json
 import os
@@ -20,254 +21,9 @@ import time
 
 import torch
 
-from common import atomic_write, autocast, configure, keep_freed_memory, pick_device, save_json
-from grpo import SCENE_METRICS
-
-
-def timeit(fn, warmup=2, iters=5):
-    """Median wall time of fn() in seconds (synchronising CUDA when present)."""
-    times = []
-    for i in range(warmup + iters):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-# -----------------------------------------------------------------------------
-# task: decoder
-
-# (layers, heads x 64, batch, input channels, input side -> patch-2 image tokens, text tokens, widths);
-# SD3.5 style (qk RMSNorm), like UAE's decoder
-DECODER_SIZES = {
-    'toy': dict(num_layers=4, num_attention_heads=2, batch=32, in_channels=3, side=16, text=48,
-                joint_attention_dim=128, pooled_projection_dim=128),   # 64 image tokens
-    'small': dict(num_layers=8, num_attention_heads=6, batch=8, in_channels=16, side=32, text=77,
-                  joint_attention_dim=4096, pooled_projection_dim=2048),  # 256 image tokens
-}
-
-
-def interleaved_times(fns, warmup, iters, clock=time.perf_counter):
-    """Median time of each fn, measured in alternation so that machine noise hits all alike.
-    clock=time.process_time counts this process's CPU time only (CPU runs on a shared machine)."""
-    times = [[] for _ in fns]
-    for i in range(warmup + iters):
-        for fn, ts in zip(fns, times):
-            t0 = clock()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if i >= warmup:
-                ts.append(clock() - t0)
-    return [sorted(ts)[len(ts) // 2] for ts in times]
-
-
-def bench_decoder(args):
-    """Our MMDiT against diffusers' SD3Transformer2DModel with the same weights: a training step
-    (forward + backward + AdamW) and a sampling step (forward, no_grad), fp32 and bf16 autocast."""
-    from diffusers import SD3Transformer2DModel
-    from common import autocast, configure, load_state_dict_strict, pick_device
-    from model_decoder import MMDiT, MMDiTConfig
-    config = dict(sizes='toy,small', dtypes='float32,bfloat16', warmup=2, iters=7, device='auto', seed=0,
-                  threads=0, clock='wall')
-    # threads: torch CPU threads, 0 = torch's default; clock: 'wall' or 'cpu' (process CPU time).
-    # On a busy shared CPU, --threads=1 --clock=cpu gives the steadiest ratios.
-    configure(config, args)
-    device = pick_device(config['device'])
-    if config['threads']:
-        torch.set_num_threads(config['threads'])
-    clock = {'wall': time.perf_counter, 'cpu': time.process_time}[config['clock']]
-    rows = []
-    for size in config['sizes'].split(','):
-        s = dict(DECODER_SIZES[size])
-        batch, side, text = s.pop('batch'), s.pop('side'), s.pop('text')
-        cfg = dict(s, attention_head_dim=64, caption_projection_dim=64 * s['num_attention_heads'], qk_norm='rms_norm',
-                   out_channels=s['in_channels'], patch_size=2, sample_size=side, pos_embed_max_size=side)
-        torch.manual_seed(config['seed'])
-        ref = SD3Transformer2DModel(**cfg).to(device).train()
-        ours = MMDiT(MMDiTConfig(**cfg)).to(device).train()
-        load_state_dict_strict(ours, ref.state_dict(), 'diffusers model')
-        g = torch.Generator().manual_seed(config['seed'])
-        x = torch.randn(batch, cfg['in_channels'], side, side, generator=g).to(device)
-        target = torch.randn(x.shape, generator=g).to(device)
-        t = (torch.rand(batch, generator=g) * 1000).to(device)
-        c = torch.randn(batch, text, cfg['joint_attention_dim'], generator=g).to(device)
-        p = torch.randn(batch, cfg['pooled_projection_dim'], generator=g).to(device)
-        run = {'ours': lambda: ours(x, t, c, p),
-               'diffusers': lambda: ref(hidden_states=x, encoder_hidden_states=c, pooled_projections=p,
-                                        timestep=t).sample}
-        for dtype in config['dtypes'].split(','):
-            def train_step(model, forward, opt):
-                opt.zero_grad(set_to_none=True)
-                with autocast(device, dtype):
-                    loss = torch.nn.functional.mse_loss(forward().float(), target)
-                loss.backward()
-                opt.step()
-
-            def sample_step(forward):
-                with torch.no_grad(), autocast(device, dtype):
-                    forward()
-
-            opts = {'ours': torch.optim.AdamW(ours.parameters(), lr=1e-6),
-                    'diffusers': torch.optim.AdamW(ref.parameters(), lr=1e-6)}
-            for kind in ('train', 'sample'):
-                fns = [(lambda m=m: train_step(m, run[m], opts[m])) if kind == 'train' else
-                       (lambda m=m: sample_step(run[m])) for m in ('ours', 'diffusers')]
-                t_ours, t_ref = interleaved_times(fns, config['warmup'], config['iters'], clock)
-                rows.append((size, dtype, kind, t_ours, t_ref))
-                print(f'{size:6s} {dtype:9s} {kind:6s} ours {t_ours * 1e3:8.1f} ms  diffusers {t_ref * 1e3:8.1f} ms'
-                      f'  speed-up {t_ref / t_ours:.2f}x', flush=True)
-    load = ', '.join(f'{x:.1f}' for x in os.getloadavg()) if hasattr(os, 'getloadavg') else '?'
-    print(f'\n{device}, {torch.get_num_threads()} threads, {config["clock"]} clock, '
-          f'median of {config["iters"]} interleaved runs, '
-          f'load average {load}\n')
-    print('| config | precision | step | ours (ms) | diffusers (ms) | diffusers / ours |')
-    print('|---|---|---|---:|---:|---:|')
-    for size, dtype, kind, t_ours, t_ref in rows:
-        print(f'| {size} | {dtype} | {kind} | {t_ours * 1e3:.1f} | {t_ref * 1e3:.1f} | {t_ref / t_ours:.2f} |')
-
-
-# -----------------------------------------------------------------------------
-# task: encoder
-
-# 'tiny': the tests' scale; 'toy': the toy world's encoder (config/toy_encoder.json)
-ENCODER_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, mrope_section=[2, 3, 3], vocab_size=512, vision_hidden_size=32,
-                    vision_intermediate_size=64, vision_depth=2, vision_num_heads=2, patch_size=8, window_size=32,
-                    fullatt_block_indexes=[1], image_token_id=511, vision_start_token_id=509,
-                    vision_end_token_id=510, eos_token_id=508)
-
-
-def bench_encoder(args):
-    """Sampling throughput (prefill + new tokens, tokens/s) of Encoder.generate against transformers'
-    Qwen2_5_VLForConditionalGeneration.generate with the same weights, prompts (a 64x64 image + text)
-    and sampling settings (temperature 1, no top-k/top-p, no early stop)."""
-    import transformers
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from common import autocast, configure, pick_device
-    from model_encoder import Encoder, EncoderConfig
-    transformers.logging.set_verbosity_error()
-    config = dict(sizes='tiny,toy', batches='1,16', new_tokens=64, text_tokens=40, dtype='float32',
-                  warmup=1, iters=20, device='auto', seed=0, threads=0)
-    # iters: on this shared CPU the best of 5 runs moved the toy batch-16 ratio between 1.29 and 1.64 from one
-    # invocation to the next; the best of 20 moves less (the whole task takes about 30 s)
-    configure(config, args)
-    device = pick_device(config['device'])
-    if config['threads']:  # on a shared CPU, waking a second thread for tiny ops can cost a whole time slice
-        torch.set_num_threads(config['threads'])
-    rows = []
-    for size in config['sizes'].split(','):
-        if size == 'toy':
-            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'toy_encoder.json')
-            with open(path) as f:
-                c = EncoderConfig.from_hf(json.load(f), path)
-        else:
-            c = EncoderConfig(**ENCODER_TINY)
-        c.eos_token_id = c.vocab_size + 1  # never sampled: every run makes new_tokens tokens
-        torch.manual_seed(config['seed'])
-        ours = Encoder(c).to(device).eval()
-        hf_cfg = {k: v for k, v in c.to_hf().items() if not k.startswith(('projector', 'architectures', 'model_type'))}
-        ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_cfg)).to(device).eval()
-        ref.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith('projector.')})
-        grid, n_image = 64 // c.patch_size, (64 // c.patch_size // c.spatial_merge_size) ** 2
-        for batch in map(int, config['batches'].split(',')):
-            g = torch.Generator().manual_seed(config['seed'])
-            text = torch.randint(0, c.vocab_size - 16, (batch, config['text_tokens']), generator=g)
-            image = torch.tensor([[c.vision_start_token_id] + [c.image_token_id] * n_image + [c.vision_end_token_id]])
-            ids = torch.cat([text[:, :4], image.expand(batch, -1), text[:, 4:]], 1).to(device)
-            pixels = torch.randn(batch * grid ** 2, 3 * 2 * c.patch_size ** 2, generator=g).to(device)
-            kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                      image_grid_thw=torch.tensor([[1, grid, grid]] * batch, device=device))
-            n = config['new_tokens']
-
-            def run_ours():
-                with autocast(device, config['dtype']):
-                    out = ours.generate(**kw, max_new_tokens=n, temperature=1.0)
-                assert out.tokens.shape == (batch, n)
-
-            def run_hf():
-                with torch.no_grad(), autocast(device, config['dtype']):
-                    out = ref.generate(**kw, mm_token_type_ids=(ids == c.image_token_id).int(), max_new_tokens=n,
-                                       min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                       eos_token_id=c.eos_token_id, pad_token_id=0)
-                assert out.shape == (batch, ids.shape[1] + n)
-
-            times = [[], []]  # interleaved runs; the fastest of each (other processes only ever add time)
-            for i in range(config['warmup'] + config['iters']):
-                for fn, ts in zip((run_ours, run_hf), times):
-                    t0 = time.perf_counter()
-                    fn()
-                    if torch.cuda.is_available():
-                        torch.cuda.synchronize()
-                    if i >= config['warmup']:
-                        ts.append(time.perf_counter() - t0)
-            t_ours, t_ref = min(times[0]), min(times[1])
-            rows.append((size, batch, batch * n / t_ours, batch * n / t_ref))
-            print(f'{size:5s} batch {batch:3d}  ours {rows[-1][2]:9.0f} tok/s  transformers {rows[-1][3]:9.0f} tok/s'
-                  f'  speed-up {t_ref / t_ours:.2f}x', flush=True)
-    print(f'\n{device}, {config["dtype"]}, {torch.get_num_threads()} threads, prompt: {config["text_tokens"]} text tokens '
-          f'+ a 64x64 image, {config["new_tokens"]} new tokens, best of {config["iters"]} interleaved runs\n')
-    print('| config | batch | ours (tokens/s) | transformers generate (tokens/s) | ours / transformers |')
-    print('|---|---:|---:|---:|---:|')
-    for size, batch, ours_tps, ref_tps in rows:
-        print(f'| {size} | {batch} | {ours_tps:.0f} | {ref_tps:.0f} | {ours_tps / ref_tps:.2f} |')
-
-
-# -----------------------------------------------------------------------------
-# task: attention
-
-ATTENTION_SHAPES = [  # (name, B, H, Hkv, N, D, causal)
-    ('SD3.5-Large joint', 1, 38, 38, 4350, 64, False),
-    ('Qwen2.5-VL-3B LLM', 1, 16, 2, 2048, 128, True),
-]
-
-
-def bench_attention(args):
-    """The Triton flash attention (kernels/attention.py) against torch SDPA, bf16, in TFLOP/s."""
-    import torch.nn.functional as F
-    from common import configure
-    config = dict(warmup=3, iters=20)
-    configure(config, args)
-    if not torch.cuda.is_available():
-        sys.exit('--task attention needs a CUDA GPU: on the CPU the Triton kernels run only in the '
-                 'interpreter (TRITON_INTERPRET=1), which is far too slow to time')
-    from kernels.attention import flash_attention
-    gpu = dict(device=pick_device(), dtype=torch.bfloat16, requires_grad=True)  # CUDA, checked above
-    rows = []
-    for name, B, H, Hkv, N, D, causal in ATTENTION_SHAPES:
-        q = torch.randn(B, H, N, D, **gpu)
-        k = torch.randn(B, Hkv, N, D, **gpu)
-        v = torch.randn(B, Hkv, N, D, **gpu)
-        do = torch.randn_like(q)
-        impls = {'SDPA': lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != Hkv),
-                 'Triton': lambda: flash_attention(q, k, v, causal=causal)}
-        with torch.no_grad():
-            diff = (impls['Triton']() - impls['SDPA']()).abs().max().item()
-        # the matmuls q k^T and p v take 2 N^2 D FLOPs each (half when causal); backward is 2.5x forward
-        flops = 4 * B * H * N * N * D * (0.5 if causal else 1.0)
-        for step, mult in (('forward', 1.0), ('forward+backward', 3.5)):
-            def run(fn):
-                if step == 'forward':
-                    with torch.no_grad():
-                        fn()
-                else:
-                    torch.autograd.grad(fn(), (q, k, v), do)
-            # the first calls compile and autotune the kernels: warmup covers them
-            t = {impl: timeit(lambda: run(fn), config['warmup'], config['iters']) for impl, fn in impls.items()}
-            rows.append((f'{name} ({H}/{Hkv} heads x {D}, N={N}{", causal" if causal else ""})', step,
-                         t['SDPA'], t['Triton'], flops * mult, diff))
-    print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, '
-          f'median of {config["iters"]} runs\n')
-    print('| shape | step | SDPA ms | SDPA TFLOP/s | Triton ms | Triton TFLOP/s | SDPA / Triton time | max abs diff |')
-    print('|---|---|---:|---:|---:|---:|---:|---:|')
-    for shape, step, t_sdpa, t_ours, flops, diff in rows:
-        print(f'| {shape} | {step} | {t_sdpa * 1e3:.2f} | {flops / t_sdpa / 1e12:.1f} | {t_ours * 1e3:.2f} | '
-              f'{flops / t_ours / 1e12:.1f} | {t_sdpa / t_ours:.2f} | {diff:.1e} |')
+from common import atomic_write, autocast, configure, keep_freed_memory, pick_device, run, save_json
+from embedders import METRICS, SCENE_METRICS, similarities, toy_pixels
+from images import IMAGE_EXTENSIONS, load_image
 
 
 # -----------------------------------------------------------------------------
@@ -280,25 +36,25 @@ def bench_reward(args):
     less. Then the exact scores of the reconstructions from the complete captions, attribute by attribute."""
     import numpy as np
     from data.shapes import world
-    from grpo import Reward
-    from sample import config as sample_config, generate, load_uae
-    config = dict({k: sample_config[k] for k in ('llm', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled',
-                                                   'negative_prompt', 'steps', 'cfg', 'shift', 'device', 'seed')},
-                  data_dir='data/shapes/out', split='val', images=100, metrics='pixel,scene,scene_attributes')
+    from embedders import load_embedder
+    from pipeline import draw, load_uae
+    config = dict({k: UAE[k] for k in UAE_PATH_KEYS + ('negative_prompt', 'steps', 'guidance', 'shift', 'seed')},
+                  device='auto', data_dir='data/shapes/out', split='val', images=100,
+                  metrics='pixel,scene,scene_attributes')
     configure(config, args)
     device = pick_device(config['device'])
-    enc, dit, vae, pooled = load_uae(config, device)
+    enc, dit, codec, pooled = load_uae(config, device)
     images, records = world.load_split(os.path.join(config['data_dir'], config['split']))
     images, records = np.asarray(images[:config['images']]), records[:config['images']]
     metrics = config['metrics'].split(',')
-    reward = Reward({m: 1.0 for m in metrics}, device=device)
+    embedders = {m: load_embedder(m, None, device) for m in metrics if m not in SCENE_METRICS}
     print(f"| caption level | mean tokens | {' | '.join(metrics)} |\n|---|---:|{'---:|' * len(metrics)}")
     for level in world.CAPTION_LEVELS:
         texts = [r['captions'][level] for r in records]
         gen = torch.Generator(device).manual_seed(config['seed'])
-        recon = generate(enc, dit, vae, pooled, texts, config['negative_prompt'], None, config['steps'],
-                         config['cfg'], config['shift'], gen)
-        scores = reward.metrics(recon, images)
+        recon = draw(enc, dit, codec, pooled, texts, config['negative_prompt'], None, config['steps'],
+                     config['guidance'], config['shift'], gen)
+        scores = similarities(metrics, embedders, recon, images)
         if level == 'complete':
             exact = [world.score(world.parse_image(im), r['scene']) for im, r in zip(recon, records)]
         tokens = np.mean([len(enc.tokenizer.encode(t)) for t in texts])
@@ -311,20 +67,22 @@ def bench_reward(args):
 # -----------------------------------------------------------------------------
 # task: unibench
 #
-# Unified-Bench (SPEC §3, issue 6): caption every reference image, regenerate it from the caption alone
-# (I2T2I), and score each reconstruction against its original. File types, pairing rules and the
+# Unified-Bench (the paper's, docs/uae.md): caption every reference image, draw it again from the caption
+# alone (I2T2I), and score each reconstruction against its original. File types, pairing rules and the
 # JSON layout follow the official Score_i2i.py; unlike it, nothing is dropped silently: every
 # unmatched, unreadable or ignored file is listed on screen and in the JSON.
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tiff', '.webp')  # the official script's list
-UAE_PATH_KEYS = ('llm', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled')
-# the settings that make a reconstruction what it is (device and batch size only change the speed)
-UAE_KEYS = UAE_PATH_KEYS + ('negative_prompt', 'size', 'steps', 'cfg', 'shift', 'temperature', 'max_new_tokens',
-                            'dtype', 'seed')
+# the UAE pipeline's keys with the toy checkpoints as defaults (real ones: config/uae.py); they are the
+# settings that make a reconstruction what it is (device and batch size only change the speed)
+UAE = dict(llm='checkpoints/toy/llm', processor='', llm_lora='', dit='checkpoints/toy/dit', dit_lora='',
+           vae='checkpoints/toy/codec.safetensors', pooled='checkpoints/toy/pooled.safetensors',
+           negative_prompt='', size=48, steps=20, guidance=2.0, shift=3.0, temperature=0.7, max_new_tokens=512,
+           top_k=None, top_p=None, repetition_penalty=None, dtype='float32', seed=0)
+UAE_PATH_KEYS = ('llm', 'processor', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled')
+UAE_KEYS = tuple(UAE)
 METRIC_PATHS = {'clip': 'a CLIPVisionModelWithProjection or CLIPModel directory',
                 'dinov2': 'a Dinov2Model directory', 'dinov3': 'a DINOv3ViTModel directory',
                 'longclip': "LongCLIP-L's .pt file"}
-METRICS = (*METRIC_PATHS, 'pixel', *SCENE_METRICS)
 REPO = os.path.dirname(os.path.abspath(__file__))
 TOY_BENCH = os.path.join(REPO, 'data', 'shapes', 'out', 'test')  # 0.png ... 99.png + scenes.jsonl
 
@@ -381,27 +139,6 @@ def match_pairs(generated, reference):
     return [(g, paired[g]) for g in generated if g in paired], unmatched
 
 
-def read_image(path):
-    """An RGB PIL image (transparency on white, as the embedders); a bad file is a ValueError saying why."""
-    from PIL import Image
-    from embedders import to_rgb
-    try:
-        with Image.open(path) as image:
-            return to_rgb(image)
-    except Exception as e:  # PIL raises many types for a broken file: OSError, SyntaxError, ValueError, ...
-        raise ValueError(f'{type(e).__name__}: {e}') from None
-
-
-def toy_pixels(image):
-    """(48, 48, 3) uint8 for world.parse_image; another size is area-resampled to 48x48."""
-    import numpy as np
-    from PIL import Image
-    from data.shapes import world
-    if image.size != (world.IMAGE, world.IMAGE):
-        image = image.resize((world.IMAGE, world.IMAGE), Image.BOX)
-    return np.asarray(image)
-
-
 def scene_truths(ref_dir, names):
     """({reference name: ground-truth scene}, path) from a scenes.jsonl beside the references, whose
     line i describes the image with stem i (prepare.py's test split); ({}, None) without one."""
@@ -432,7 +169,7 @@ def score_pairs(pairs, metrics, embedders, truths, chunk=32):
             images = []
             for path in (gen_path, ref_path):
                 try:
-                    images.append(read_image(path))
+                    images.append(load_image(path))
                 except ValueError as e:
                     unreadable[path] = str(e)
             if len(images) == 2:
@@ -442,24 +179,21 @@ def score_pairs(pairs, metrics, embedders, truths, chunk=32):
                 ref_names.append(ref_name)
         if not keys:
             continue
-        parsed = []  # the toy world's score of what can be read back from each reconstruction, against the truth
-        for gen, ref, name in zip(gens, refs, ref_names) if SCENE_METRICS.keys() & set(metrics) else ():
-            scene['resized'] += sum(im.size != (world.IMAGE, world.IMAGE) for im in (gen, ref))
-            parsed_ref = world.parse_image(toy_pixels(ref))
-            truth = truths.get(name)
-            if truth is None:
-                truth, scene['parsed'] = parsed_ref, scene['parsed'] + 1
-            else:
-                scene['truth'] += 1
-                scene['truth_disagrees'] += world.score(parsed_ref, truth)['object_f1'] < 1
-            parsed.append(world.score(world.parse_image(toy_pixels(gen)), truth))
-        for m in metrics:
-            if m in SCENE_METRICS:
-                sims = [SCENE_METRICS[m](s) for s in parsed]
-            else:
-                e = embedders[m]
-                sims = e.similarity(e.embed(gens), e.embed(refs)).tolist()
-            scores[m].update(zip(keys, map(float, sims)))
+        truth_list = None  # the toy world's truth per pair: scenes.jsonl, else what the parser reads in the reference
+        if set(SCENE_METRICS) & set(metrics):
+            truth_list = []
+            for gen, ref, name in zip(gens, refs, ref_names):
+                scene['resized'] += sum(im.size != (world.IMAGE, world.IMAGE) for im in (gen, ref))
+                parsed_ref = world.parse_image(toy_pixels(ref, world.IMAGE))
+                truth = truths.get(name)
+                if truth is None:
+                    truth, scene['parsed'] = parsed_ref, scene['parsed'] + 1
+                else:
+                    scene['truth'] += 1
+                    scene['truth_disagrees'] += world.score(parsed_ref, truth)['object_f1'] < 1
+                truth_list.append(truth)
+        for m, sims in similarities(metrics, embedders, gens, refs, truth_list).items():
+            scores[m].update(zip(keys, sims.tolist()))
     return scores, unreadable, scene
 
 
@@ -517,7 +251,7 @@ def reconstruct(cfg, image_dir, names, out_dir, device):
     the reconstructions (recon_<stem>.png) and captions.jsonl are written atomically, so a rerun
     resumes where a crash stopped. Returns ({name: record}, {path: error} of unreadable images)."""
     from PIL import Image
-    from sample import caption, generate, load_uae
+    from pipeline import caption, draw, load_uae
 
     def recon_name(n):  # 'a/0.jpg' -> 'a/recon_0.png'
         folder, base = posixpath.split(n)
@@ -540,7 +274,7 @@ def reconstruct(cfg, image_dir, names, out_dir, device):
     print(f'{len(names) - total} of {len(names)} images already reconstructed in {out_dir}, {total} to go')
     if not total:
         return done, unreadable
-    enc, dit, vae, pooled = load_uae(cfg, device)
+    enc, dit, codec, pooled = load_uae(cfg, device)
     bs, t0, finished = cfg['batch_size'], time.time(), 0
     # fixed batches, each with its own seed: a resumed run makes the same images as an uninterrupted one
     for k, batch in enumerate(names[i:i + bs] for i in range(0, len(names), bs)):
@@ -548,7 +282,7 @@ def reconstruct(cfg, image_dir, names, out_dir, device):
         for n in batch:
             if n not in done:
                 try:
-                    images.append(read_image(os.path.join(image_dir, n)))
+                    images.append(load_image(os.path.join(image_dir, n)))
                     todo.append(n)
                 except ValueError as e:
                     unreadable[os.path.join(image_dir, n)] = str(e)
@@ -557,9 +291,10 @@ def reconstruct(cfg, image_dir, names, out_dir, device):
             continue
         gen = torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + k)
         with autocast(device, cfg['dtype']):
-            texts, out = caption(enc, images, cfg['temperature'], cfg['max_new_tokens'], generator=gen)
-            recon = generate(enc, dit, vae, pooled, texts, cfg['negative_prompt'], cfg['size'], cfg['steps'],
-                             cfg['cfg'], cfg['shift'], gen)
+            texts, out = caption(enc, images, cfg['temperature'], cfg['max_new_tokens'], generator=gen,
+                                 top_k=cfg['top_k'], top_p=cfg['top_p'], repetition_penalty=cfg['repetition_penalty'])
+            recon = draw(enc, dit, codec, pooled, texts, cfg['negative_prompt'], cfg['size'], cfg['steps'],
+                         cfg['guidance'], cfg['shift'], gen)
         for n, text, pixels, length in zip(todo, texts, recon, out.mask.sum(1).tolist()):
             rec = dict(image=n, recon=recon_name(n), caption=text, tokens=int(length))
             path = os.path.join(out_dir, rec['recon'])
@@ -572,7 +307,7 @@ def reconstruct(cfg, image_dir, names, out_dir, device):
     return done, unreadable
 
 
-def contact_sheet(rows, metrics, path):
+def html_sheet(rows, metrics, path):
     """rows: (name, original path, caption, reconstruction path, {metric: score}) -> an HTML table
     (original | caption | reconstruction | scores) that links the images by relative path."""
     import html
@@ -632,9 +367,8 @@ def bench_unibench(args):
     python bench.py --generated DIR --reference DIR          # score existing reconstructions
     metrics: --metrics=clip,dinov2,dinov3,longclip,pixel,scene with --clip=PATH etc.; the default is
     every embedder given a path, or pixel,scene (which need no weights) when none is."""
-    import sample
     config = dict(images='', generated='', reference='', out_dir='', metrics='', clip='', dinov2='', dinov3='',
-                  longclip='', batch_size=20, device='auto', **{k: sample.config[k] for k in UAE_KEYS})
+                  longclip='', batch_size=20, device='auto', **UAE)
     cfg = configure(config, args)
     from embedders import load_embedder
     device = pick_device(cfg['device'])
@@ -722,7 +456,7 @@ def bench_unibench(args):
     save_json(results, os.path.join(out_dir, 'scores.json'))
     rows = [(key, ref, texts.get(key, ''), gen, {m: scores[m][key] for m in metrics})
             for key, gen, ref, _ in pairs if key in scores[metrics[0]]]
-    contact_sheet(rows, metrics, os.path.join(out_dir, 'contact_sheet.html'))
+    html_sheet(rows, metrics, os.path.join(out_dir, 'contact_sheet.html'))
 
     print_report(results, metrics, scene, truth_path, ref_dir, out_dir)
     if not results['pairs']:
@@ -730,18 +464,24 @@ def bench_unibench(args):
     return results
 
 
-TASKS = {'attention': bench_attention, 'decoder': bench_decoder, 'encoder': bench_encoder, 'reward': bench_reward,
-         'unibench': bench_unibench}
+TASKS = {'reward': bench_reward, 'unibench': bench_unibench}
 
-if __name__ == '__main__':
-    args = sys.argv[1:]
+def main(args):
     task = 'unibench'
     for i, a in enumerate(args):
-        if a.startswith('--task'):
+        if a == '--task' or a.startswith('--task='):
+            if '=' not in a and (i + 1 == len(args) or args[i + 1].startswith('-')):
+                raise ValueError(f"--task needs a value: --task=NAME, one of {', '.join(sorted(TASKS))}")
             task = a.split('=', 1)[1] if '=' in a else args[i + 1]
             args = args[:i] + args[i + (1 if '=' in a else 2):]
             break
     if task not in TASKS:
-        sys.exit(f"unknown --task {task!r}; choose from {', '.join(sorted(TASKS))}")
-    keep_freed_memory()  # the speed comparisons run both sides on the same allocator
+        raise ValueError(f"unknown --task {task!r}; choose from {', '.join(sorted(TASKS))}")
+    if '--help' in args or '-h' in args:
+        print(f"tasks: --task={' | '.join(sorted(TASKS))} (default unibench); the keys of --task={task}:")
+    keep_freed_memory()
     TASKS[task](args)
+
+
+if __name__ == '__main__':
+    run(lambda: main(sys.argv[1:]))

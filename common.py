@@ -6,10 +6,17 @@ import ast
 import contextlib
 import ctypes
 import datetime
+import difflib
+import importlib.util
+import io
 import json
+import linecache
+import math
 import os
+import re
 import shutil
 import sys
+import tokenize
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +72,9 @@ def configure(config, argv=None):
     Returns config, for convenience.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if '--help' in argv or '-h' in argv:
+        print(config_help(config, sys._getframe(1).f_globals.get('__file__')))
+        sys.exit(0)
     updates = []  # (key, raw value or parsed value, source)
     i = 0
     while i < len(argv):
@@ -84,8 +94,9 @@ def configure(config, argv=None):
         i += 1
     for key, value, source in updates:
         if key not in config:
-            known = ', '.join(sorted(config))
-            raise ValueError(f"unknown config key '{key}' (from {source}); known keys: {known}")
+            near = difflib.get_close_matches(key, config, n=1)
+            hint = f'did you mean --{near[0]}?' if near else '--help lists the keys'
+            raise ValueError(f"unknown config key '{key}' (from {source}): {hint}")
         if source == 'command line':
             config[key] = _parse_value(key, value, config[key])
         else:
@@ -93,12 +104,79 @@ def configure(config, argv=None):
     return config
 
 
-def require_positive(config, *keys):
+def require_positive(config, *keys, minimum=1):
     """Intervals and sizes (eval_every, batch_size, ...) must be >= 1: checked before anything loads, since
-    an eval_every of 0 would otherwise divide by zero at the first step."""
+    an eval_every of 0 would otherwise divide by zero at the first step (minimum=0: counts such as warmup)."""
     for key in keys:
-        if config[key] < 1:
-            raise ValueError(f"config key '{key}' must be >= 1, got {config[key]!r}")
+        if config[key] < minimum:
+            raise ValueError(f"config key '{key}' must be >= {minimum}, got {config[key]!r}")
+
+
+def require_fraction(config, *keys):
+    """Probabilities and decay rates must lie in [0, 1]."""
+    for key in keys:
+        if not 0 <= config[key] <= 1:
+            raise ValueError(f"config key '{key}' must be between 0 and 1, got {config[key]!r}")
+
+
+def config_help(config, path):
+    """What --help prints: each key, its default, and its comment in the script's `config = dict(...)`
+    (the source at path is parsed, never run: a trailing comment, else the comment block just above)."""
+    rows = {key: '' for key in config}
+    try:
+        with open(path) as f:
+            source = f.read()
+        comments = {}  # line -> (comment text, whether the line holds nothing else)
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = (tok.string.lstrip('#').strip(), not tok.line[:tok.start[1]].strip())
+        calls = [node.value for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assign)
+                 and [getattr(t, 'id', None) for t in node.targets] == ['config']
+                 and isinstance(node.value, ast.Call) and getattr(node.value.func, 'id', None) == 'dict']
+        call = max(calls, key=lambda c: len({k.arg for k in c.keywords} & set(config)))  # the dict of `config`
+    except (OSError, TypeError, SyntaxError, ValueError):
+        call = None  # no source to read: keys and defaults only
+    for kw in call.keywords if call is not None else []:
+        if kw.arg not in rows:
+            continue
+        trailing = [comments[n][0] for n in range(kw.lineno, kw.end_lineno + 1)
+                    if n in comments and not comments[n][1]]
+        block, n = [], kw.lineno - 1
+        while n in comments and comments[n][1]:
+            block.insert(0, comments[n][0])
+            n -= 1
+        first = trailing[0] if trailing else re.split(r'(?<=\.)\s', ' '.join(block))[0]  # a block's first sentence
+        rows[kw.arg] = first if len(first) <= 100 else first[:97] + '...'
+    width = max(len(k) for k in config) + 2
+    lines = [f"usage: python {os.path.basename(path or 'script.py')} [config_file.py ...] [--key=value ...]",
+             'keys, their defaults and what they set (a config file is a dict literal of some of them):']
+    for key, text in rows.items():
+        lines.append(f'  --{key:<{width}} {config[key]!r:<16} {text}'.rstrip())
+    return '\n'.join(lines)
+
+
+def run(main):
+    """The entry points' `main()` wrapper: a user's mistake reads as one line, a bug keeps its traceback.
+
+    A refusal is a ValueError, OSError or FloatingPointError raised by a `raise` statement of this
+    repository (whose messages name the file, key or value), or an OSError naming a file (a missing path,
+    a directory that cannot be written): it prints `<script>: error: <message>` and exits with code 1.
+    Anything else is re-raised."""
+    try:
+        main()
+    except (ValueError, OSError, FloatingPointError) as e:
+        if not (isinstance(e, OSError) and e.filename) and not _raised_by_us(e):
+            raise
+        sys.exit(f'{os.path.basename(sys.argv[0])}: error: {e}')
+
+
+def _raised_by_us(e):
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    ours = path.startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep) and 'site-packages' not in path
+    return ours and linecache.getline(path, tb.tb_lineno).strip().startswith('raise ')
 
 
 # -----------------------------------------------------------------------------
@@ -120,8 +198,9 @@ def load_safetensors_dir(directory, stem):
     if os.path.exists(single):
         return load_safetensors(single)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)['weight_map']
+        weight_map = read_json(index).get('weight_map')
+        if not isinstance(weight_map, dict):
+            raise ValueError(f'{index} has no weight_map: not a safetensors index')
         state = {}
         for shard in sorted(set(weight_map.values())):
             state.update(load_safetensors(os.path.join(directory, shard)))
@@ -132,20 +211,41 @@ def load_safetensors_dir(directory, stem):
     raise FileNotFoundError(f"no {stem}.safetensors or {stem}.safetensors.index.json in {directory}")
 
 
-def check_state_dict(expected, got, source):
-    """Strict comparison of two {name: tensor-or-shape} dicts; raises naming every bad key."""
+def check_state_dict(expected, got, source, exact_dtype=False):
+    """Strict comparison of two {name: tensor-or-shape} dicts; raises naming every bad key.
+
+    What goes into a floating-point tensor must be floating point: load_state_dict would cast an integer
+    file into garbage weights without a word. exact_dtype (resuming a run): the dtypes must be equal, as
+    an fp16 tensor upcast to fp32 is no longer the state that was saved."""
+    problems = state_dict_problems(expected, got, exact_dtype)
+    if problems:
+        raise ValueError(f"cannot load {source}: {problems}")
+
+
+def state_dict_problems(expected, got, exact_dtype=False):
+    """What check_state_dict finds wrong, as one line ('' if nothing)."""
     shape = lambda t: tuple(t.shape) if hasattr(t, 'shape') else tuple(t)
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
+    both = sorted(set(expected) & set(got))
     wrong = [f'{k}: expected {shape(expected[k])}, got {shape(got[k])}'
-             for k in sorted(set(expected) & set(got)) if shape(expected[k]) != shape(got[k])]
+             for k in both if shape(expected[k]) != shape(got[k])]
+    dtypes = []
+    for k in both:
+        want, have = getattr(expected[k], 'dtype', None), getattr(got[k], 'dtype', None)
+        if want is None or have is None or want == have:
+            continue
+        if exact_dtype:
+            dtypes.append(f'{k}: expected {want}, got {have}'.replace('torch.', ''))
+        elif want.is_floating_point and not have.is_floating_point:
+            dtypes.append(f'{k}: {have} is not a floating-point dtype'.replace('torch.', ''))
     problems = []
-    for name, keys in (('missing keys', missing), ('unexpected keys', unexpected), ('wrong shapes', wrong)):
+    for name, keys in (('missing keys', missing), ('unexpected keys', unexpected), ('wrong shapes', wrong),
+                       ('wrong dtypes', dtypes)):
         if keys:
             more = f' (and {len(keys) - 10} more)' if len(keys) > 10 else ''
             problems.append(f"{name}: {', '.join(keys[:10])}{more}")
-    if problems:
-        raise ValueError(f"cannot load {source}: " + '; '.join(problems))
+    return '; '.join(problems)
 
 
 def load_state_dict_strict(module, state, source):
@@ -154,18 +254,49 @@ def load_state_dict_strict(module, state, source):
     module.load_state_dict(state, strict=True)
 
 
+_UMASK = os.umask(0o22)
+os.umask(_UMASK)  # read once: the mode a plain open() would give a new file is 0o666 & ~umask
+
+
+def fsync_dir(path):
+    """Make the renames in a directory durable (a file's own fsync does not cover its name)."""
+    fd = os.open(path or '.', os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file."""
+    """Call write(tmp_path), then rename onto path: a crash never leaves a half-written file, and once
+    this returns the file is on disk (fsync), with the mode a plain open() gives (safetensors' is 0600)."""
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def check_finite(state, source):
+    """Refuse to write NaN or inf weights: a non-finite checkpoint would replace the last good one."""
+    bad = [k for k, v in state.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        more = f' (and {len(bad) - 5} more)' if len(bad) > 5 else ''
+        raise ValueError(f"refusing to write {source}: non-finite values (NaN or inf) in {', '.join(bad[:5])}{more}")
+
+
 def save_safetensors(state, path, metadata=None):
+    check_finite(state, path)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     seen = set()
     for k, v in state.items():  # tied weights (embedding = lm_head) are written as two tensors
@@ -182,8 +313,38 @@ def save_json(obj, path):
     atomic_write(path, write)
 
 
+def read_json(path):
+    """A JSON file's content; a cut or malformed file is an error naming it."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{path} is not valid JSON (cut short?): {e}') from None
+
+
 # -----------------------------------------------------------------------------
 # attention: the one function every attention layer of both models calls
+
+def attention_kernels():
+    """kernels/attention.py (the Triton flash attention) as a module, loaded on first use.
+
+    Loaded by file path under a private name, not imported as `kernels.attention`: `kernels` is also
+    Hugging Face's kernel-hub package, which transformers imports, and a `kernels` package of ours at the
+    repository root would shadow it. Loaded lazily because importing triton is not free; kept in
+    sys.modules, so it is loaded once and tests can monkeypatch its flash_attention."""
+    name = 'nanouae_attention_kernels'
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels', 'attention.py')
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it, as import does
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
 
 def attention(q, k, v, causal=False, mask=None):
     """Scaled dot-product attention.
@@ -208,8 +369,7 @@ def attention(q, k, v, causal=False, mask=None):
                 and not (causal and q.shape[2] != k.shape[2]))
         backend = 'triton' if fits else 'sdpa'
     if backend == 'triton':
-        from kernels.attention import flash_attention  # imported here: importing common never needs triton
-        return flash_attention(q, k, v, causal=causal, mask=mask)
+        return attention_kernels().flash_attention(q, k, v, causal=causal, mask=mask)
     if k.shape[1] != q.shape[1]:
         # SDPA's enable_gqa is not implemented by every backend; expanding views is cheap
         rep = q.shape[1] // k.shape[1]
@@ -283,6 +443,11 @@ def setup_distributed(device='auto'):
 
 # -----------------------------------------------------------------------------
 # training checkpoints: a directory written whole or not at all
+#
+# save_checkpoint writes every file into ckpt.tmp, meta.json last (so a directory holding meta.json is
+# complete), then renames ckpt -> ckpt.old, ckpt.tmp -> ckpt and deletes ckpt.old. Whatever instant a
+# kill hits, one complete checkpoint is left: the newest is ckpt.tmp if it is complete, else ckpt, else
+# ckpt.old (between the two renames). find_checkpoint returns it; the next save finishes the swap first.
 
 def optimizer_to_files(osd):
     """An optimizer state dict keyed by parameter names (torch.distributed.checkpoint.state_dict
@@ -305,34 +470,170 @@ def optimizer_from_files(tensors, rest):
     return dict(state=state, param_groups=rest['param_groups'])
 
 
-def save_checkpoint(directory, weights, meta):
-    """Write directory/<name>.safetensors for each {name: state_dict} of `weights` and meta.json,
-    into a temporary directory first, then swap it in: a crash leaves the previous checkpoint intact."""
+def check_optimizer_files(tensors, rest, groups, path):
+    """The optimizer part of a checkpoint against this run's AdamW, before anything is loaded.
+
+    groups: the run's parameter groups, each {name: parameter}. Each parameter has either no state (it
+    never had a gradient) or exactly exp_avg and exp_avg_sq (its shape and dtype) and step (a float32
+    scalar); the groups must hold the same names. Returns the expected tensors for check_state_dict."""
+    saved = [set(g.get('params', [])) if isinstance(g, dict) else set() for g in rest.get('param_groups', [])]
+    if saved != [set(g) for g in groups]:
+        raise ValueError(f"cannot resume from {path}: its optimizer has parameter groups of "
+                         f"{[len(g) for g in saved]} parameters, this run {[len(g) for g in groups]} "
+                         "(another model, train_only or stage?)")
+    params = {n: p for g in groups for n, p in g.items()}
+    stray = [k for k in rest.get('scalars', {}) if k.rpartition(':')[0] not in params]
+    if stray:
+        raise ValueError(f'cannot resume from {path}: meta.json has optimizer values of unknown parameters: '
+                         f'{stray[:5]}')
+    with_state = {k.rpartition(':')[0] for k in tensors}
+    step = torch.zeros((), dtype=torch.float32)
+    return {f'{n}:{k}': (step if k == 'step' else p) for n, p in params.items() if n in with_state
+            for k in ('exp_avg', 'exp_avg_sq', 'step')}
+
+
+def check_checkpoint(expected, weights, path):
+    """Every tensor of a checkpoint against what the run holds, before anything is copied: expected and
+    weights are {file name: state dict}; names, shapes and dtypes must all agree (exact_dtype). One error
+    lists every bad key of every file."""
+    problems = [f'{name}.safetensors: {p}' for name in expected
+                if (p := state_dict_problems(expected[name], weights[name], exact_dtype=True))]
+    if problems:
+        raise ValueError(f"cannot resume from {path}: {' | '.join(problems)}")
+
+
+def _complete(directory):
+    return os.path.isfile(os.path.join(directory, 'meta.json'))
+
+
+def _remove(directory):
+    if os.path.exists(directory):
+        if _complete(directory):  # first: a kill halfway through leaves an incomplete directory
+            os.remove(os.path.join(directory, 'meta.json'))
+        shutil.rmtree(directory)
+
+
+def find_checkpoint(directory):
+    """The newest complete checkpoint written by save_checkpoint(directory, ...), or None."""
+    for d in (directory + '.tmp', directory, directory + '.old'):
+        if _complete(d):
+            return d
+    return None
+
+
+def finish_swap(directory):
+    """Bring a save killed midway to its end: afterwards only `directory` holds a checkpoint. Each step
+    is a rename or deletes a copy that is not the newest, so a kill here too loses nothing."""
     tmp, old = directory + '.tmp', directory + '.old'
-    for d in (tmp, old):
-        if os.path.exists(d):
-            shutil.rmtree(d)
+    if _complete(tmp):
+        if os.path.exists(directory):
+            _remove(old)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+    _remove(tmp)
+    if not os.path.exists(directory) and _complete(old):
+        os.replace(old, directory)
+    if _complete(directory):
+        _remove(old)
+    fsync_dir(os.path.dirname(directory))
+
+
+def save_checkpoint(directory, weights, meta):
+    """Write directory/<name>.safetensors for each {name: state_dict} of `weights` and meta.json, crash-safe
+    (see above). Non-finite weights are refused before anything is written."""
+    for name, state in weights.items():
+        check_finite(state, os.path.join(directory, f'{name}.safetensors'))
+    finish_swap(directory)
+    tmp, old = directory + '.tmp', directory + '.old'
     os.makedirs(tmp)
     for name, state in weights.items():
         save_safetensors(state, os.path.join(tmp, f'{name}.safetensors'))
-    save_json(meta, os.path.join(tmp, 'meta.json'))
+    save_json(meta, os.path.join(tmp, 'meta.json'))  # last: from here on tmp is the newest checkpoint
     if os.path.exists(directory):
         os.replace(directory, old)
     os.replace(tmp, directory)
-    if os.path.exists(old):
-        shutil.rmtree(old)
+    fsync_dir(os.path.dirname(directory))
+    _remove(old)
 
 
-def load_checkpoint(directory):
-    """(weights {name: state_dict}, meta) of a directory written by save_checkpoint."""
-    path = os.path.join(directory, 'meta.json')
+def load_checkpoint(directory, files):
+    """(weights {name: state_dict}, meta, path) of the newest complete checkpoint at directory (see
+    find_checkpoint). files: the names of the .safetensors files the run expects, no more, no fewer."""
+    path = find_checkpoint(directory)
+    if path is None:
+        raise FileNotFoundError(f'no checkpoint to resume in {directory} (nor in {directory}.tmp or .old)')
+    meta = read_json(os.path.join(path, 'meta.json'))
+    opt = meta.get('optimizer') if isinstance(meta, dict) else None
+    if not (isinstance(opt, dict) and isinstance(opt.get('param_groups'), list) and isinstance(opt.get('scalars'), dict)
+            and isinstance(meta.get('step'), int) and meta['step'] >= 0):
+        raise ValueError(f"{os.path.join(path, 'meta.json')} is not a checkpoint's meta.json: it needs a step "
+                         "and the optimizer's param_groups and scalars")
+    found = sorted(f[:-len('.safetensors')] for f in os.listdir(path) if f.endswith('.safetensors'))
+    missing, extra = sorted(set(files) - set(found)), sorted(set(found) - set(files))
+    if missing or extra:
+        raise ValueError(f'cannot resume from {path}: ' + '; '.join(
+            f'{what} {", ".join(f + ".safetensors" for f in names)}'
+            for what, names in (('missing', missing), ('unexpected', extra)) if names))
+    weights = {f: load_safetensors(os.path.join(path, f'{f}.safetensors')) for f in files}
+    return weights, meta, path
+
+
+def check_run_dir(out_dir, resume, checkpoint='ckpt', log='log.jsonl'):
+    """Before anything loads: a new run refuses a folder that holds an earlier one (it would overwrite its
+    checkpoint with an earlier step and append to its log), a resumed run needs a checkpoint there, and
+    out_dir must be a directory this process can write."""
+    ckpt = os.path.join(out_dir, checkpoint)
+    if resume and find_checkpoint(ckpt) is None:
+        raise FileNotFoundError(f'no checkpoint to resume in {ckpt}: drop --resume to start a new run')
+    earlier = [f for f in (checkpoint, checkpoint + '.tmp', checkpoint + '.old', log)
+               if os.path.exists(os.path.join(out_dir, f))]
+    if earlier and not resume:
+        raise ValueError(f"{out_dir} holds an earlier run ({', '.join(earlier)}): continue it with --resume=True, "
+                         f"or start over by deleting {out_dir} or choosing another --out_dir")
+    make_dir(out_dir)
+
+
+def make_dir(path, key='out_dir'):
+    """Create an output directory now, so that an unusable path is found before any model loads."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f'--{key}={path}: cannot create this directory ({e.strerror})') from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f'--{key}={path}: this directory is not writable')
+
+
+def truncate_log(path, step):
+    """On resume: keep the rows of a JSON-lines log up to the checkpoint's step. The rows the killed run
+    wrote after its last checkpoint are written again by the resumed one (and a row cut short by the
+    kill is dropped)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f'no checkpoint to resume in {directory} (meta.json missing)')
+        return
+    keep = []
     with open(path) as f:
-        meta = json.load(f)
-    weights = {os.path.basename(f)[:-len('.safetensors')]: load_safetensors(os.path.join(directory, f))
-               for f in sorted(os.listdir(directory)) if f.endswith('.safetensors')}
-    return weights, meta
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get('step', 0) <= step:
+                keep.append(line if line.endswith('\n') else line + '\n')
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.writelines(keep)
+    atomic_write(path, write)
+
+
+def skip_nonfinite(value, streak, limit, what):
+    """A training step whose loss or gradient norm `value` is NaN or inf is skipped (no update): returns
+    the new count of consecutive such steps, raising once `limit` are reached in a row (the run stops,
+    its last checkpoint intact, rather than skip forever)."""
+    if math.isfinite(value):
+        return 0
+    if streak + 1 >= limit:
+        raise FloatingPointError(f'{streak + 1} steps in a row with a non-finite {what} ({value}): stopping '
+                                 '(the last checkpoint is intact; lower lr, or check the data and dtype)')
+    return streak + 1
 
 
 def teardown_distributed():

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import attention, check_state_dict, load_safetensors_dir
+from images import CLIP_MEAN, CLIP_STD, to_rgb
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # -----------------------------------------------------------------------------
@@ -58,20 +58,6 @@ class Preprocess:
     rescale: float = 1 / 255
     float_resize: bool = False  # rescale, then resize the float image (torchvision processors)
     round_crop: bool = False  # crop offset round((H - h) / 2) as torchvision's CenterCrop, not floor
-
-
-def to_rgb(image):
-    """PIL image or (H, W, 3) uint8 array -> RGB PIL image; transparency is composited onto white
-    (what transformers' convert_to_rgb does)."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
-    if 'A' in image.getbands() or 'transparency' in image.info:
-        image = image.convert('RGBA')
-        white = Image.new('RGBA', image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image).convert('RGB')
-    return image.convert('RGB')
 
 
 def resized_size(height, width, size):
@@ -595,3 +581,44 @@ def load_embedder(name, path=None, device='cpu', dtype='float32'):
         raise ValueError(f"unknown dtype {dtype!r}")
     model, pre = LOADERS[name](path)
     return Embedder(name, model, pre, device, dtype)
+
+
+# -----------------------------------------------------------------------------
+# similarity of reconstructions to their originals: the benchmark's scores and the RL reward's inputs
+
+SCENE_METRICS = ('scene', 'scene_attributes')  # the toy world's exact scores, read back by its parser
+METRICS = (*EMBEDDERS, *SCENE_METRICS)
+
+
+def similarities(metrics, embedders, recon, originals, truths=None):
+    """{metric: (N,) tensor}: how similar each reconstruction is to its original.
+
+    recon, originals: N PIL images or uint8 (H, W, 3) arrays. embedders: {name: load_embedder(name)}
+    for every metric that is not a scene metric: cosine of features, or for 'pixel' 1 - mean |a - b|.
+    The scene metrics parse the reconstruction (data/shapes/world.py, exact on the world's images) and
+    score its objects against truths[i] (a scene) where given, else against the parsed original:
+    'scene' is the object F1 (shape, colour, size and cell all right), 'scene_attributes' the partial
+    credit of world.attribute_score. Images of another size are area-resampled to the world's 48 px."""
+    from data.shapes import world
+    out, scores = {}, None
+    for name in metrics:
+        if name in SCENE_METRICS:
+            if scores is None:  # parsed once, whichever scene metrics are asked for
+                parse = lambda im: world.parse_image(toy_pixels(im, world.IMAGE))
+                truths = truths if truths is not None else [parse(o) for o in originals]
+                scores = [world.score(parse(r), t) for r, t in zip(recon, truths)]
+            out[name] = torch.tensor([s['object_f1'] if name == 'scene' else world.attribute_score(s)
+                                      for s in scores], dtype=torch.float64)  # exact: means to the last digit
+        else:
+            e = embedders[name]
+            out[name] = e.similarity(e.embed(list(recon)), e.embed(list(originals))).float().cpu()
+    return out
+
+
+def toy_pixels(image, size):
+    """(size, size, 3) uint8 from a PIL image or array; another size is area-resampled (PIL BOX)."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BOX)
+    return np.asarray(image.convert('RGB'))

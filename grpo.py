@@ -1,20 +1,50 @@
 """
-Unified-GRPO: the reinforcement learning that ties the encoder (captioner) and the decoder (generator)
-together through one reward, how well the decoder reconstructs an image from the encoder's caption.
+Unified-GRPO's math: group advantages and the two clipped-surrogate losses. The loop that produces
+what they eat (rollouts, rewards, updates) is train_rl.py; the samplers are the models' own
+(model_encoder.Encoder.generate, model_decoder.sample with sde_steps).
 
-    G4U  (generation for understanding): sample G captions per image, decode each, reward each
-         reconstruction; GRPO on the encoder's tokens (TRL/DeepSeek-style, clipped ratio + k3 KL).
-    U4G  (understanding for generation): G images per caption from an SDE sampler that gives
-         per-step log-probs; GRPO on the decoder's denoising steps (Flow-GRPO).
+    G4U  (generation for understanding): G captions per image, each decoded by the frozen decoder and
+         rewarded by reconstruction similarity; GRPO on the encoder's caption tokens.
+    U4G  (understanding for generation): G images per caption from an SDE sampler that records each
+         step's log-prob; GRPO on the decoder's denoising steps (Flow-GRPO).
 
-Read top to bottom: advantages, the two losses, then the rollouts that produce what they eat.
-Formulas: SPEC §4. Where this departs from the paper, Flow-GRPO or TRL:
+The formulas (sources: GRPO, Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300; TRL's GRPOTrainer;
+Flow-GRPO, Liu et al. 2025, arXiv 2505.05470, and its code; UAE, arXiv 2509.09666):
+
+    advantage     A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-4), the std over the group's G
+                  rewards; Dr. GRPO's variant only subtracts the mean. Several reward metrics are each
+                  z-scored over the batch before they are mixed, so that none dominates by scale.
+    token loss    per caption token: -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) + beta * k3,
+                  rho = exp(logp - logp_old), k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's
+                  unbiased, non-negative KL estimator; reference = the same model with its LoRA off);
+                  summed over every active token of the batch and divided by their count.
+    SDE step      sigma -> sigma' (dt = sigma' - sigma < 0), noise level a:
+                  std_t = a * sqrt(sigma / (1 - sigma)),
+                  mu = x * (1 + std_t^2 * dt / (2 sigma)) + v * (1 + std_t^2 * (1 - sigma) / (2 sigma)) * dt,
+                  x' = mu + std_t * sqrt(-dt) * eps; log-prob = the Gaussian log-density of x', averaged
+                  over C, H, W (model_decoder.sde_step).
+    step loss     max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)), eps ~ 1e-4, A clipped to +-5, plus
+                  beta * KL(N(mu, s^2) || N(mu_ref, s^2)) = beta * |mu - mu_ref|^2 / (2 s^2), s = std_t * sqrt(-dt).
+
+Where this departs from the paper, Flow-GRPO or TRL:
+- The group std is the population std (as Flow-GRPO's np.std); TRL divides by the sample std. With
+  G = 8 the two differ by sqrt(8/7), a constant scale of the advantages.
+- The token loss is TRL's "dapo" aggregation (the default there); TRL's "grpo" mean per sequence is
+  not offered: it weighs a short caption's tokens more, and caption length is what G4U's aha moment is.
+- The U4G KL is the exact Gaussian KL of one step, divided by the step's variance std_t^2 * (sigma - sigma')
+  (the Flow-GRPO paper's formula). Flow-GRPO's code divides by std_t^2 alone, 3.7-25x weaker per
+  step on a 10-step shift-3 schedule, so a beta taken from its configs is not the same strength here.
+- One optimiser update per batch of rollouts (Flow-GRPO makes two, TRL's num_iterations > 1): the
+  ratio is then 1 at the update, and the clipping only bounds a step as in on-policy GRPO.
+- Samples of zero advantage are kept in the loss (Flow-GRPO drops them); their fraction is logged
+  as zero_std.
+- U4G trains a window of SDE steps with Euler (ODE) steps elsewhere (MixGRPO / Flow-GRPO-Fast), not
+  all steps; the last step is never stochastic, so the image holds no leftover noise.
+- UAE published no RL hyperparameters: the real-model configs (config/uae_*.py) say where each value
+  comes from.
 """
-import math
 
 import torch
-
-from model_decoder import guided_velocity, sampling_sigmas, sde_step
 
 # -----------------------------------------------------------------------------
 # advantages
@@ -25,14 +55,17 @@ def group_advantages(rewards, group_size, scale='std', std_floor=1e-4):
 
     rewards: (N,) with N a multiple of group_size, the G samples of one prompt side by side.
     scale: 'std' divides by (group std + std_floor) (GRPO); 'none' only subtracts the mean (Dr. GRPO).
+    A group with a NaN or inf reward is skipped: its advantages are 0 (train_rl logs how many rewards were).
     Returns (advantages (N,), fraction of groups whose rewards are all equal: they carry no signal).
     """
     if rewards.numel() % group_size:
         raise ValueError(f'{rewards.numel()} rewards do not split into groups of {group_size}')
     r = rewards.float().view(-1, group_size)
+    skip = ~r.isfinite().all(dim=1, keepdim=True)
+    r = r.masked_fill(skip, 0.0)
     centred = r - r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True, unbiased=False)
-    zero_std = (std.squeeze(1) < 1e-8).float().mean().item()
+    zero_std = ((std < 1e-8) & ~skip).float().mean().item()
     if scale == 'std':
         centred = centred / (std + std_floor)
     elif scale != 'none':
@@ -108,101 +141,3 @@ def flow_grpo_loss(logp, old_logp, adv, eps=1e-4, adv_clip=5.0, mean=None, ref_m
         stats = dict(kl=kl.item(), clip_frac=((ratio - 1).abs() > eps).float().mean().item(),
                      ratio=ratio.mean().item())
     return loss, stats
-
-
-# -----------------------------------------------------------------------------
-# reward: similarity between each original and its reconstruction
-
-
-SCENE_METRICS = {  # the toy world's parse-based rewards: world.score(...) -> float
-    'scene': lambda s: s['object_f1'],
-    'scene_attributes': lambda s: (s['shape_f1'] + s['color_f1'] + s['size_f1'] + s['cell_f1'] + s['background']) / 5,
-}
-
-
-class Reward:
-    """A weighted mix of similarity metrics, e.g. {'scene': 1.0} or {'clip': 1.0, 'dinov2': 1.0}.
-
-    'scene' is the toy world's exact score: object F1 of the objects parsed from the reconstruction
-    against those parsed from the original (exact on originals, so this is F1 against the truth).
-    'scene_attributes' gives partial credit: the mean of the shape, colour, size and cell F1s and the
-    background match. An object counts for 'scene' only when all four attributes are right, so with
-    a decoder that gets one or two wrong every caption of a group scores 0 and GRPO learns nothing.
-    Every other name is an embedder of embedders.py (the ones bench.py uses): cosine of features, or
-    for 'pixel' 1 - mean |a - b|. With several metrics each is z-scored over the batch first, so that
-    none dominates by scale (SPEC §4).
-    """
-
-    def __init__(self, weights, paths=None, device='cpu', dtype='float32'):
-        from embedders import load_embedder
-        self.weights = dict(weights)
-        self.embedders = {name: load_embedder(name, (paths or {}).get(name), device, dtype)
-                          for name in self.weights if name not in SCENE_METRICS}
-
-    def metrics(self, recon, originals):
-        """recon, originals: uint8 (N, H, W, 3) -> {metric: (N,) float tensor}."""
-        out, scores = {}, None
-        for name in self.weights:
-            if name in SCENE_METRICS:
-                if scores is None:  # parsed once, whichever scene metrics are weighted
-                    from data.shapes import world
-                    scores = [world.score(world.parse_image(r), world.parse_image(o)) for r, o in zip(recon, originals)]
-                out[name] = torch.tensor([SCENE_METRICS[name](s) for s in scores])
-            else:
-                e = self.embedders[name]
-                out[name] = e.similarity(e.embed(list(originals)), e.embed(list(recon))).float().cpu()
-        return out
-
-    def __call__(self, recon, originals):
-        m = self.metrics(recon, originals)
-        if len(m) == 1:
-            return next(iter(m.values())), m
-        return sum(self.weights[k] * zscore(v) for k, v in m.items()), m
-
-
-# -----------------------------------------------------------------------------
-# rollouts
-
-
-@torch.no_grad()
-def sample_captions(enc, images, group_size, temperature=1.0, max_new_tokens=64, generator=None):
-    """G captions per image. images: list of PIL images. Returns (prompt batch, Generation) with rows
-    image-major: rows i*G ... i*G+G-1 are the G captions of image i."""
-    batch = enc.caption_inputs([im for im in images for _ in range(group_size)])
-    out = enc.generate(**batch, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator,
-                       suppress_tokens=enc.vision_tokens())
-    return batch, out
-
-
-@torch.no_grad()
-def sde_rollout(dit, ctx, pooled, neg_ctx, neg_pooled, noise, steps, cfg, shift, noise_level, sde_steps,
-                generator=None):
-    """Sample images with the Flow-GRPO SDE on the steps listed in `sde_steps` and the ODE elsewhere.
-
-    noise: (N, C, H, W) starting draw (sigma = 1); generator draws the SDE steps' noise (seeded, the
-    rollout is reproducible: exact resume needs it). Returns (x0, transitions) where transitions is a list
-    of dicts for the SDE steps: step index j, x (state before), x_next (sampled), log_prob (N,) of the
-    sampling policy. Only SDE steps are stochastic, so only they are trained (SPEC §4, MixGRPO-style
-    windows when sde_steps is a window).
-    """
-    sigmas = sampling_sigmas(steps, shift).tolist()
-    x, transitions = noise.float(), []
-    for j in range(steps):
-        v = guided_velocity(dit, x, sigmas[j], ctx, pooled, neg_ctx, neg_pooled, cfg)
-        if j in sde_steps:
-            x_next, log_prob, _, _ = sde_step(x, v, sigmas[j], sigmas[j + 1], noise_level, generator)
-            transitions.append(dict(j=j, x=x, x_next=x_next, log_prob=log_prob))
-            x = x_next
-        else:
-            x = x + (sigmas[j + 1] - sigmas[j]) * v
-    return x, transitions
-
-
-def transition_logprob(dit, t, ctx, pooled, neg_ctx, neg_pooled, steps, cfg, shift, noise_level):
-    """Log-prob (N,), mean and step std of a stored transition under the current weights."""
-    sigmas = sampling_sigmas(steps, shift).tolist()
-    j = t['j']
-    v = guided_velocity(dit, t['x'], sigmas[j], ctx, pooled, neg_ctx, neg_pooled, cfg)
-    _, log_prob, mean, std_t = sde_step(t['x'], v, sigmas[j], sigmas[j + 1], noise_level, x_next=t['x_next'])
-    step_std = std_t.view(-1) * math.sqrt(sigmas[j] - sigmas[j + 1])
-    return log_prob, mean, step_std

@@ -3,8 +3,9 @@ The decoder (text -> image): the SD3 / SD3.5 MMDiT, and the flow-matching math a
 
 One file, in the style of DiT's models.py: the network, checkpoint I/O that is bit-compatible with
 diffusers' SD3Transformer2DModel directories (same module names, same keys, same numbers), the
-flow-matching loss, the Euler ODE sampler with classifier-free guidance, the Flow-GRPO SDE step with
-its log-prob (SPEC §4), and the VAE glue (or none: the toy world runs in pixel space).
+flow-matching loss, the sampler (Euler steps with classifier-free guidance, any of them optionally a
+Flow-GRPO SDE step that records its log-prob: grpo.py has the formulas), and the latent codecs (SD3.5's
+VAE, or the toy world's exact linear codec).
 
 An MMDiT block keeps two token streams, image tokens x (B, N, D) and text tokens c (B, L, D). Each has
 its own weights (norms, q/k/v, output projection, MLP); they meet in one joint attention over all
@@ -401,10 +402,10 @@ class MMDiT(nn.Module):
             raise ValueError(f'{path} is not valid JSON: {e}') from None
         dtype = dtype or torch.float32
         state = load_safetensors_dir(directory, 'diffusion_pytorch_model')
-        state = {k: v.to(dtype) for k, v in state.items()}
         with torch.device('meta'):  # no random init of billions of weights that are overwritten anyway
             model = cls(config)
-        check_state_dict(model.state_dict(), state, directory)
+        check_state_dict(model.state_dict(), state, directory)  # before the cast: an integer file is refused
+        state = {k: v.to(dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device) if device is not None else model
 
@@ -420,7 +421,7 @@ class MMDiT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# flow matching (SPEC §4): x_sigma = (1 - sigma) * x0 + sigma * noise, velocity target = noise - x0
+# flow matching (SD3; Esser et al. 2024, arXiv 2403.03206): x_sigma = (1 - sigma) * x0 + sigma * noise, velocity target = noise - x0
 
 def shift_sigmas(sigma, shift):
     """SD3's timestep shift: more steps at high noise for shift > 1."""
@@ -462,12 +463,12 @@ def sampling_sigmas(num_steps, shift=3.0, num_train_timesteps=1000):
     return torch.cat([sigmas, torch.zeros(1)])
 
 
-def guided_velocity(model, x, sigma, context, pooled, neg_context=None, neg_pooled=None, cfg=1.0):
-    """Velocity with classifier-free guidance v_u + cfg * (v_c - v_u); both branches in one batch.
+def guided_velocity(model, x, sigma, context, pooled, neg_context=None, neg_pooled=None, guidance=1.0):
+    """Velocity with classifier-free guidance v_u + guidance * (v_c - v_u); both branches in one batch.
     x (B, C, H, W); sigma a float or (B,) tensor. Returned in fp32."""
     B = x.shape[0]
     t = 1000 * torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B)
-    if neg_context is None or cfg == 1.0:
+    if neg_context is None or guidance == 1.0:
         return model(x, t, context, pooled).float()
     if neg_context.shape[1] != context.shape[1]:
         raise ValueError(f'negative and positive contexts have {neg_context.shape[1]} and {context.shape[1]} '
@@ -476,33 +477,56 @@ def guided_velocity(model, x, sigma, context, pooled, neg_context=None, neg_pool
     v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([neg_context, context]),
               torch.cat([neg_pooled, pooled])).float()
     v_u, v_c = v.chunk(2)
-    return v_u + cfg * (v_c - v_u)
+    return v_u + guidance * (v_c - v_u)
 
 
-@torch.no_grad()
-def sample(model, context, pooled, neg_context=None, neg_pooled=None, steps=40, cfg=5.0, shift=3.0,
-           generator=None, shape=None, noise=None):
-    """Euler ODE sampler from pure noise (sigma = 1) to an image / latents (sigma = 0).
+def sample(model, context, pooled, neg_context=None, neg_pooled=None, steps=40, guidance=5.0, shift=3.0,
+           generator=None, shape=None, noise=None, sde_steps=None, noise_level=0.7):
+    """The sampler: Euler steps from pure noise (sigma = 1) to an image / latents (sigma = 0).
 
     context (B, L, Dj), pooled (B, P); neg_context / neg_pooled of batch 1 or B (same L as context).
     shape (C, H, W) defaults to the model's (in_channels, sample_size, sample_size); `noise`
     (B, C, H, W) overrides the starting draw. The state is kept in fp32; run under autocast for bf16.
+    It runs under the caller's grad mode: inference wraps it in torch.no_grad() (pipeline.draw),
+    the cold start differentiates through it.
+
+    sde_steps: None for the plain ODE sampler, which returns x. Else the indices of the steps taken
+    as Flow-GRPO SDE steps (sde_step: stochastic, with the log-probability of their outcome; the
+    others stay Euler steps, as in MixGRPO's windows), and the result is (x, transitions): one dict per
+    SDE step with its index j, the state x before it, x_next sampled, and log_prob (B,) under the
+    sampling policy, what U4G's loss re-scores (Flow-GRPO's pipeline_with_logprob, one sampler that
+    also records log-probs). Their noise is drawn from `generator` after the starting noise.
     """
     B = context.shape[0]
     if noise is None:
         cfgm = model.config
         shape = shape or (cfgm.in_channels, cfgm.sample_size, cfgm.sample_size)
         noise = _noise((B, *shape), generator, context.device)
-    x = noise.float()
+    x, transitions = noise.float(), []
     sigmas = sampling_sigmas(steps, shift).tolist()
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        v = guided_velocity(model, x, sigma, context, pooled, neg_context, neg_pooled, cfg)
-        x = x + (sigma_next - sigma) * v
-    return x
+    for j, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        v = guided_velocity(model, x, sigma, context, pooled, neg_context, neg_pooled, guidance)
+        if sde_steps is not None and j in sde_steps:
+            x_next, log_prob, _, _ = sde_step(x, v, sigma, sigma_next, noise_level, generator)
+            transitions.append(dict(j=j, x=x, x_next=x_next, log_prob=log_prob))
+            x = x_next
+        else:
+            x = x + (sigma_next - sigma) * v
+    return x if sde_steps is None else (x, transitions)
+
+
+def transition_logprob(model, t, context, pooled, neg_context, neg_pooled, steps, guidance, shift, noise_level):
+    """A stored SDE transition t (from sample(..., sde_steps=...)) re-scored under the current weights:
+    log-prob (B,), the step's mean (B, C, H, W) and its std (B,), what Flow-GRPO's loss and KL need."""
+    sigmas = sampling_sigmas(steps, shift).tolist()
+    j = t['j']
+    v = guided_velocity(model, t['x'], sigmas[j], context, pooled, neg_context, neg_pooled, guidance)
+    _, log_prob, mean, std_t = sde_step(t['x'], v, sigmas[j], sigmas[j + 1], noise_level, x_next=t['x_next'])
+    return log_prob, mean, std_t.view(-1) * math.sqrt(sigmas[j] - sigmas[j + 1])
 
 
 def sde_step(x, v, sigma, sigma_next, noise_level=0.7, generator=None, noise=None, x_next=None):
-    """One Flow-GRPO SDE step with the log-probability of its outcome (SPEC §4), in fp32.
+    """One Flow-GRPO SDE step with the log-probability of its outcome (formulas: grpo.py), in fp32.
 
     x, v (B, C, H, W) state and (guided) velocity; sigma, sigma_next floats or (B,) tensors.
     std_t = noise_level * sqrt(sigma / (1 - sigma)); at sigma = 1 the denominator uses sigma_next
@@ -611,18 +635,18 @@ class LinearCodec(nn.Module):
         return cls(t['basis'], t['mean'], t['scale'], int(t['patch'])).to(device)
 
 
-def load_vae(path, dtype=torch.float32, device='cpu'):
-    """A codec by path: a LinearCodec .safetensors file, or an AutoencoderKL directory."""
+def load_codec(path, dtype=torch.float32, device='cpu'):
+    """A latent codec by path: a LinearCodec .safetensors file, or an AutoencoderKL (VAE) directory."""
     if path.endswith('.safetensors'):
         return LinearCodec.load(path, device)
     return VAE(path, dtype, device)
 
 
-def encode(vae, pixels, generator=None):
-    """Pixels -> what the DiT models (a sample of the posterior for a VAE)."""
-    return pixels if vae is None else vae.encode(pixels, generator)
+def encode(codec, pixels, generator=None):
+    """Pixels -> what the DiT models (a sample of the posterior for a VAE); codec None: pixel space."""
+    return pixels if codec is None else codec.encode(pixels, generator)
 
 
-def decode(vae, latents):
+def decode(codec, latents):
     """What the DiT models -> pixels (roughly in [-1, 1]; clamp before saving images). Differentiable."""
-    return latents if vae is None else vae.decode(latents)
+    return latents if codec is None else codec.decode(latents)

@@ -1,9 +1,9 @@
 """
-The encoder: Qwen2.5-VL (vision tower + Qwen2 LLM) with UAE's projector, its tokenizer (tiktoken),
-its image preprocessing and a KV-cache sampler.
+The encoder: Qwen2.5-VL (vision tower + Qwen2 LLM) with UAE's projector, its chat prompts,
+its captioning inputs (images preprocessed by images.py) and a KV-cache sampler.
 
     enc = Encoder.from_pretrained('path/to/Qwen2.5-VL-or-UAE-llm')   # + enc.load_llm_lora('llm_lora')
-    batch = enc.caption_inputs([load_image('x.jpg')])                  # SPEC §2 captioning prompt
+    batch = enc.caption_inputs([images.load_image('x.jpg')])           # UAE's captioning prompt
     out = enc.generate(**batch, max_new_tokens=512, temperature=0.7)  # tokens, logprobs, mask
     logp = enc.token_logprobs(batch, out.tokens, out.mask, 0.7)       # the same log-probs, differentiable
     ctx = enc.embed_prompt(['a red circle', NEGATIVE_PROMPT])         # (2, L, 4096) for the decoder
@@ -19,30 +19,26 @@ import math
 import os
 import re
 import shutil
-import unicodedata
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.checkpoint import checkpoint
 
 from common import (attention, check_state_dict, load_safetensors, load_safetensors_dir,
                     save_json, save_safetensors)
+from images import CLIP_MEAN, CLIP_STD, fetch_image, preprocess_image
 from lora import apply_lora, base_state_dict, lora_layers, peft_to_ours
+from tokenizer import Tokenizer
 
-# SPEC §2: the captioning prompt (user role, text then image) and the CFG negative prompt
+# UAE's captioning prompt (user role, text then image) and CFG negative prompt (docs/uae.md)
 CAPTION_PROMPT = ('You are an expert vision-language model.  \nYour task is: Given an input image, generate a '
                   '**textual description** of the image. If there is text in the image, transcribe it inside '
                   'double quotes "".  \nNow, carefully analyze the input image and output the full description. ')
 NEGATIVE_PROMPT = 'Generate a random, low quality, ugly, blur, bad and anime, cartoon image.'
-# encoder LoRA (SPEC §2): every linear layer of the LLM; not the vision tower, lm_head or projector
-LORA_TARGETS = r'model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)'
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 # config.json names: top-level, text (top-level in old files, text_config in new ones), vision_config
@@ -87,7 +83,7 @@ class EncoderConfig:
     projector_hidden_size: int | None = None  # UAE: Linear(hidden, 8192) -> GELU -> Linear(8192, 4096)
     projector_out_size: int | None = None
     caption_prompt: str = CAPTION_PROMPT  # the toy world uses a short one: every prompt token costs compute
-    # which LLM layer's output conditions the decoder: None = the last, after the final norm (UAE, SPEC §2).
+    # which LLM layer's output conditions the decoder: None = the last, after the final norm (UAE).
     # A tiny LLM trained on captions whose words are independent keeps little of them in its last layer
     # (it only keeps what predicts the next token), so the toy world may condition on an earlier one
     prompt_layer: int | None = None
@@ -360,31 +356,51 @@ class Generation(NamedTuple):
     mask: torch.Tensor      # (B, T) True for generated tokens (EOS included)
 
 
-def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None):
-    """Next tokens (B,) and their log-probs under logits / temperature (what the policy gradient needs:
-    top-k / top-p only restrict the choice). temperature 0 means greedy with log-probs at temperature 1."""
+def warp_logits(logits, temperature=1.0, top_k=0, top_p=1.0, seen=None, repetition_penalty=1.0):
+    """The logits (B, V) fp32 that sampling draws from, as transformers' logits processors make them and
+    in their order: repetition penalty, temperature, top-k, top-p; an id cut off gets -inf.
+    seen: (B, V) bool, the ids already in each row (its prompt and what was generated); with
+    repetition_penalty p, a seen id's logit is divided by p if positive, multiplied by p if not
+    (transformers' RepetitionPenaltyLogitsProcessor)."""
+    logits = logits.float()
+    if seen is not None and repetition_penalty != 1.0:
+        penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False  # keep at least the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), -math.inf)
+    return logits
+
+
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, generator=None, seen=None,
+                  repetition_penalty=1.0):
+    """Next tokens (B,) drawn from warp_logits(...), and their log-probs under logits / temperature (what
+    the policy gradient needs: the penalty, top-k and top-p only shape the choice, and the RL path uses
+    none of them). temperature 0 means greedy with log-probs at temperature 1."""
     if temperature == 0:
         greedy, temperature = True, 1.0
-    logits = logits.float() / temperature
-    logprobs = F.log_softmax(logits, -1)
-    if greedy:
-        tokens = logits.argmax(-1)
+    logprobs = F.log_softmax(logits.float() / temperature, -1)
+    if greedy:  # as transformers' greedy search: the penalty applies, top-k / top-p cannot change the argmax
+        tokens = warp_logits(logits, temperature, seen=seen, repetition_penalty=repetition_penalty).argmax(-1)
     else:
-        if top_k > 0:  # same order as transformers: temperature, top-k, top-p
-            kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, -math.inf)
-        if top_p < 1.0:
-            sorted_logits, order = logits.sort(-1)
-            drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
-            drop[:, -1] = False  # keep at least the most likely token
-            logits = logits.masked_fill(drop.scatter(1, order, drop), -math.inf)
+        logits = warp_logits(logits, temperature, top_k, top_p, seen, repetition_penalty)
         # inverse CDF: one uniform per row (torch.multinomial draws far more random numbers on the CPU)
         cdf = logits.softmax(-1).double().cumsum(-1)
         u = torch.rand(len(cdf), 1, generator=generator, dtype=cdf.dtype,
                        device=generator.device if generator is not None else cdf.device)  # the generator's device
         u = u.to(cdf.device) * cdf[:, -1:]
         tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
-    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    if not bool(chosen.isfinite().all()):  # NaN probabilities would pick the last token of the vocabulary
+        raise ValueError('the language model produced NaN or inf logits: check the --llm / --llm_lora weights, '
+                         'or use --dtype=float32 (fp16 overflows)')
+    return tokens, chosen
 
 
 class Encoder(nn.Module):
@@ -401,7 +417,9 @@ class Encoder(nn.Module):
         if config.projector_hidden_size:
             self.projector = nn.Sequential(nn.Linear(config.hidden_size, config.projector_hidden_size), nn.GELU(),
                                            nn.Linear(config.projector_hidden_size, config.projector_out_size))
-        self.min_pixels, self.max_pixels = 3136, 65536  # SPEC §2; preprocessor_config.json overrides
+        self.min_pixels, self.max_pixels = 3136, 65536  # UAE's; preprocessor_config.json overrides
+        self.generation_config = {}  # the checkpoint's generation_config.json (see sampling_settings)
+        self.tokenizer_dirs = []  # where from_pretrained looked for the tokenizer (for the error if none)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -469,25 +487,66 @@ class Encoder(nn.Module):
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, max_new_tokens=64,
                  temperature=1.0, top_k=0, top_p=1.0, greedy=False, eos_token_id=None, pad_token_id=None,
-                 generator=None, suppress_tokens=None):
+                 generator=None, suppress_tokens=None, repetition_penalty=1.0):
         """Batched sampling with a preallocated KV cache; prompts may be padded on either side. Returns a
         Generation; its log-probs are those of the sampled tokens under logits / temperature (see sample_logits).
-        suppress_tokens: ids never sampled (captions use vision_tokens(): an <|image_pad|> in a caption
-        would be taken for an image slot when the caption is read back)."""
+        suppress_tokens: ids never sampled (captions: caption_suppress_tokens()). The defaults are plain
+        sampling; sampling_settings() gives those of the checkpoint's generation_config.json.
+        eos_token_id: default that file's, else config.json's."""
         with torch.inference_mode():  # cheaper than no_grad per op; the clones below are ordinary tensors again
             out = self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
                                  temperature, top_k, top_p, greedy, eos_token_id, pad_token_id, generator,
-                                 suppress_tokens)
+                                 suppress_tokens, repetition_penalty)
         return Generation(*(t.clone() for t in out))
+
+    def sampling_settings(self, top_k=None, top_p=None, repetition_penalty=None):
+        """top_k, top_p, repetition_penalty for captioning: a value given wins; None takes the checkpoint's
+        generation_config.json, as transformers' generate does, and transformers' default for a key the
+        file lacks (top_k 50, top_p 1, penalty 1). Qwen2.5-VL's file (top_k 1, top_p 0.001, penalty 1.05)
+        makes sampling greedy in effect, whatever the temperature. Without that file (the toy checkpoints)
+        sampling is plain, where transformers would still cut to its default top_k 50."""
+        g = self.generation_config
+        default = dict(top_k=50 if g else 0, top_p=1.0, repetition_penalty=1.0)
+        given = dict(top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        pick = lambda k: given[k] if given[k] is not None else g[k] if g.get(k) is not None else default[k]
+        return dict(top_k=int(pick('top_k')), top_p=float(pick('top_p')),
+                    repetition_penalty=float(pick('repetition_penalty')))
+
+    def caption_suppress_tokens(self, tokenizer=None):
+        """Ids a caption may not contain. Suppressed when sampling (generate) and, the same list, in the
+        policy's log-probs (token_logprobs), so that both see one distribution.
+        - The vision tokens: an <|image_pad|> in a caption would be taken for an image slot when the
+          caption is read back.
+        - Ids of the model's vocabulary that the tokenizer has no token for (Qwen2.5-VL: 151665-151935,
+          padding rows of the embedding). Decoding drops them, as Hugging Face's does, so a caption with
+          one would reach the decoder and the reward as text that is not the tokens the policy gradient
+          credits. Suppressing them instead keeps tokens and text one-to-one; as they were never a
+          training target their probability is next to nothing, and the distribution is all but
+          transformers' own."""
+        ids = np.arange(self.config.vocab_size)
+        return self.vision_tokens() + ids[~self.get_tokenizer(tokenizer).known(ids)].tolist()
 
     def vision_tokens(self):
         c = self.config
         return [c.image_token_id, c.vision_start_token_id, c.vision_end_token_id]
 
-    def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens,
-                  temperature, top_k, top_p, greedy, eos_token_id, pad_token_id, generator, suppress_tokens):
+    def get_tokenizer(self, tokenizer=None):
+        """tokenizer if given, else the encoder's; a clear error if there is none."""
+        tok = tokenizer or self.tokenizer
+        if tok is None and self.tokenizer_dirs:
+            dirs = ' or '.join(self.tokenizer_dirs)
+            raise FileNotFoundError(f'no tokenizer.json or vocab.json + merges.txt in {dirs} (UAE ships its '
+                                    f'tokenizer in a directory of its own, llm_model_preprocessor: give that as '
+                                    f'`processor`)')
+        if tok is None:
+            raise ValueError('this encoder has no tokenizer: pass one')
+        return tok
+
+    def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, temperature,
+                  top_k, top_p, greedy, eos_token_id, pad_token_id, generator, suppress_tokens, repetition_penalty):
         B, L0 = input_ids.shape
-        eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+        eos = eos_token_id if eos_token_id is not None else self.generation_config.get('eos_token_id')
+        eos = eos if eos is not None else self.config.eos_token_id
         eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=input_ids.device)
         pad = pad_token_id if pad_token_id is not None else (self.tokenizer.pad_token_id if self.tokenizer else 0)
         valid = torch.ones(B, L0 + max_new_tokens, dtype=torch.bool, device=input_ids.device)
@@ -503,10 +562,19 @@ class Encoder(nn.Module):
         lm = self.model.language_model
         steps = torch.arange(max_new_tokens, device=input_ids.device)  # rotary of every decoding step at once
         cos, sin = lm.rotary((nxt[:, None] + steps).expand(3, B, -1), h.dtype)
+        suppress = torch.as_tensor([] if suppress_tokens is None else suppress_tokens, dtype=torch.long,
+                                   device=logits.device)
+        seen = None
+        if repetition_penalty != 1.0:  # each row's ids so far: its prompt and its tokens, not its padding, so
+            # a row samples as it would alone (transformers 5 skips left padding too; 4.50 penalised it)
+            V = logits.shape[-1]
+            seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
+            seen = seen.scatter_(1, input_ids.masked_fill(~valid[:, :L0], V), True)[:, :V]
         for step in range(max_new_tokens):
-            if suppress_tokens:
-                logits[:, suppress_tokens] = -math.inf
-            tok, lp = sample_logits(logits, temperature, top_k, top_p, greedy, generator)
+            logits[:, suppress] = -math.inf
+            tok, lp = sample_logits(logits, temperature, top_k, top_p, greedy, generator, seen, repetition_penalty)
+            if seen is not None:
+                seen[torch.arange(B, device=tok.device), tok] = True
             tokens.append(tok.masked_fill(finished, pad))
             logprobs.append(lp.masked_fill(finished, 0.0))
             masks.append(~finished)
@@ -521,9 +589,9 @@ class Encoder(nn.Module):
     # --- UAE --------------------------------------------------------------------------------------
 
     def prompt_hidden(self, texts, tokenizer=None):
-        """Last-layer hidden states (B, L, hidden) of every token of the `generate` chat template (SPEC §2),
+        """Last-layer hidden states (B, L, hidden) of every token of the `generate` chat template (UAE's wiring),
         as the official code pads them: on the right with the pad token, attention mask = ids != pad."""
-        tok = tokenizer or self.tokenizer
+        tok = self.get_tokenizer(tokenizer)
         seqs = [tok.chat_ids(t, role='generate') for t in texts]
         ids = torch.full((len(seqs), max(map(len, seqs))), tok.pad_token_id, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -542,12 +610,18 @@ class Encoder(nn.Module):
         return self.projector(hidden.to(self.projector[0].weight.dtype))
 
     def caption_inputs(self, images, tokenizer=None):
-        """Left-padded captioning prompts (SPEC §2, one image each) for generate() and token_logprobs()."""
-        tok, c = tokenizer or self.tokenizer, self.config
+        """Left-padded captioning prompts (UAE's, one image each) for generate() and token_logprobs()."""
+        tok, c = self.get_tokenizer(tokenizer), self.config
         pixels, grids, seqs = [], [], []
         for image in images:
-            pv, grid = preprocess_image(image, self.min_pixels, self.max_pixels, c.patch_size,
-                                        c.spatial_merge_size, c.temporal_patch_size)
+            # Two resizes, as the official demo: qwen-vl-utils' fetch_image (multiples of the patch factor,
+            # up to 12.8M pixels), then the processor's (up to max_pixels: 65536 for UAE). Always both, no
+            # caller chooses: the second is a no-op when the first lands within [min_pixels, max_pixels],
+            # and the first is then the processor's own resize (for sides of at least half a factor). So an
+            # image the processor alone resizes once (a photo up to about 256x256; every toy-world image,
+            # 48x48, which neither step resizes) gets exactly that; larger ones get two, as officially.
+            pv, grid = preprocess_image(fetch_image(image, c.patch_size * c.spatial_merge_size), self.min_pixels,
+                                        self.max_pixels, c.patch_size, c.spatial_merge_size, c.temporal_patch_size)
             pixels.append(pv)
             grids.append(grid)
             seqs.append(tok.chat_ids(c.caption_prompt, 'user', int(grid.prod()) // c.spatial_merge_size ** 2))
@@ -559,7 +633,7 @@ class Encoder(nn.Module):
 
     def caption_tokens(self, captions, tokenizer=None):
         """Target ids of captions, each followed by <|im_end|>, right-padded: (tokens (B, T), mask (B, T))."""
-        tok = tokenizer or self.tokenizer
+        tok = self.get_tokenizer(tokenizer)
         seqs = [tok.encode(c) + [tok.added['<|im_end|>']] for c in captions]
         tokens = torch.full((len(seqs), max(map(len, seqs))), tok.pad_token_id, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -588,9 +662,6 @@ class Encoder(nn.Module):
             ent = (lse - (p * logits.masked_fill(p == 0, 0.0)).sum(-1)).masked_fill(~mask.bool(), 0.0)
         return logp, ent
 
-    def add_lora(self, r=32, alpha=64, init='gaussian'):
-        return apply_lora(self, LORA_TARGETS, r, alpha, init)
-
     # --- checkpoints --------------------------------------------------------------------------------
 
     @staticmethod
@@ -616,7 +687,12 @@ class Encoder(nn.Module):
         self.load_state_dict(state, strict=True)
 
     @classmethod
-    def from_pretrained(cls, directory, dtype=torch.float32, device='cpu'):
+    def from_pretrained(cls, directory, dtype=torch.float32, device='cpu', processor=''):
+        """A Qwen2.5-VL / UAE `llm` directory. The tokenizer and preprocessor_config.json are read from
+        `processor` first (UAE ships them in a directory of their own, llm_model_preprocessor), then from
+        `directory`; generation_config.json from `directory`, as transformers reads it."""
+        if processor and not os.path.isdir(processor):
+            raise FileNotFoundError(f'processor directory {processor} does not exist')
         path = os.path.join(directory, 'config.json')
         if not os.path.exists(path):
             raise FileNotFoundError(f'no config.json in {directory}')
@@ -632,10 +708,18 @@ class Encoder(nn.Module):
         if config.tie_word_embeddings:  # to_empty gives each name its own storage: tie them again
             model.lm_head.weight = model.model.language_model.embed_tokens.weight
         model.load_weights(state, directory)
-        if any(os.path.exists(os.path.join(directory, f)) for f in ('tokenizer.json', 'vocab.json')):
-            model.tokenizer = Tokenizer.from_pretrained(directory)
-        pre = os.path.join(directory, 'preprocessor_config.json')
-        if os.path.exists(pre):
+        model.tokenizer_dirs = [d for d in dict.fromkeys((processor, directory)) if d]
+        found = lambda *names: next((os.path.join(d, n) for d in model.tokenizer_dirs for n in names
+                                     if os.path.exists(os.path.join(d, n))), None)
+        tok = found('tokenizer.json', 'vocab.json')
+        if tok:
+            model.tokenizer = Tokenizer.from_pretrained(os.path.dirname(tok))
+        gen = os.path.join(directory, 'generation_config.json')
+        if os.path.exists(gen):
+            with open(gen) as f:
+                model.generation_config = json.load(f)
+        pre = found('preprocessor_config.json')
+        if pre:
             with open(pre) as f:
                 p = json.load(f)
             size = p.get('size') or {}
@@ -678,199 +762,8 @@ class Encoder(nn.Module):
                        max_pixels=self.max_pixels, patch_size=c.patch_size, merge_size=c.spatial_merge_size,
                        temporal_patch_size=c.temporal_patch_size, image_mean=CLIP_MEAN, image_std=CLIP_STD),
                   os.path.join(directory, 'preprocessor_config.json'))
+        if self.generation_config:  # captions sample from the same distribution after a reload
+            save_json(self.generation_config, os.path.join(directory, 'generation_config.json'))
         for f in (self.tokenizer.files if self.tokenizer else []):
             if os.path.abspath(os.path.dirname(f)) != os.path.abspath(directory):
                 shutil.copy(f, directory)
-
-
-# -----------------------------------------------------------------------------
-# tokenizer: Hugging Face byte-level BPE files run by tiktoken
-
-QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for chr(256 + n)
-_PRINTABLE = [*range(33, 127), *range(161, 173), *range(174, 256)]
-BYTE_CHARS = {b: chr(b) for b in _PRINTABLE} | {b: chr(256 + n) for n, b in
-                                                enumerate(b for b in range(256) if b not in _PRINTABLE)}
-CHAR_BYTES = {c: b for b, c in BYTE_CHARS.items()}
-
-
-class Tokenizer:
-    """Exactly the ids of the Hugging Face tokenizer for the same files.
-
-    tiktoken merges the adjacent pair whose *merged bytes* have the lowest rank; Hugging Face merges the
-    pair listed first in `merges`. So ranks come from the merge order (a token's rank = the index of the
-    first merge making it; single bytes below), not from vocabulary ids, and tiktoken's ranks are mapped
-    back to ids. Added/special tokens are split off first (longest match), the rest is NFC-normalised."""
-
-    def __init__(self, vocab, merges, added, pattern, nfc, pad_token=None, files=(), source='tokenizer'):
-        as_bytes = lambda token: bytes(CHAR_BYTES[ch] for ch in token)
-        missing = [b for b in range(256) if BYTE_CHARS[b] not in vocab]
-        if missing:
-            raise ValueError(f'{source}: the vocabulary lacks {len(missing)} of the 256 byte tokens')
-        ranks = {bytes([b]): b for b in range(256)}
-        rank_to_id = [vocab[BYTE_CHARS[b]] for b in range(256)] + [-1] * len(merges)
-        for i, (a, b) in enumerate(merges):
-            if a + b not in vocab:
-                raise ValueError(f'{source}: merge {a!r} {b!r} makes a token that is not in the vocabulary')
-            if as_bytes(a + b) not in ranks:
-                ranks[as_bytes(a + b)], rank_to_id[256 + i] = 256 + i, vocab[a + b]
-        self.bpe = tiktoken.Encoding('hf-bpe', pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-        self.rank_to_id = np.array(rank_to_id, dtype=np.int64)
-        self.id_to_bytes = {i: as_bytes(token) for token, i in vocab.items()}
-        self.added = {t['content']: t['id'] for t in added}
-        self.id_to_added = {i: token for token, i in self.added.items()}
-        self.special_ids = {t['id'] for t in added if t.get('special')}
-        longest_first = sorted(self.added, key=len, reverse=True)
-        self.added_re = re.compile('|'.join(map(re.escape, longest_first))) if added else None
-        self.nfc, self.files = nfc, list(files)
-        self.pad_token_id = self.added.get(pad_token, vocab.get(pad_token))
-        self.vocab_size = max([*vocab.values(), *self.added.values()]) + 1
-
-    @classmethod
-    def from_pretrained(cls, directory):
-        path = lambda name: os.path.join(directory, name)
-        cfg = _read_json(path('tokenizer_config.json')) if os.path.exists(path('tokenizer_config.json')) else {}
-        files = [path(f) for f in ('tokenizer.json', 'tokenizer_config.json') if os.path.exists(path(f))]
-        if os.path.exists(path('tokenizer.json')):
-            j = _read_json(path('tokenizer.json'))
-            model, pre, norm = j.get('model') or {}, j.get('pre_tokenizer') or {}, j.get('normalizer')
-            if model.get('type') != 'BPE' or any(model.get(k) for k in (
-                    'byte_fallback', 'ignore_merges', 'continuing_subword_prefix', 'end_of_word_suffix', 'dropout')):
-                raise ValueError(f"{path('tokenizer.json')}: only plain byte-level BPE is supported")
-            steps = pre.get('pretokenizers', [])
-            if pre.get('type') == 'ByteLevel' and pre.get('use_regex', True):
-                pattern = GPT2_PATTERN
-            elif ([p['type'] for p in steps] == ['Split', 'ByteLevel'] and steps[0]['behavior'] == 'Isolated'
-                  and not steps[0]['invert'] and not steps[1].get('use_regex', True)):
-                pattern = steps[0]['pattern']['Regex']
-            else:
-                raise ValueError(f"{path('tokenizer.json')}: pre_tokenizer is neither Qwen2's nor GPT-2's")
-            if norm not in (None, {'type': 'NFC'}):
-                raise ValueError(f"{path('tokenizer.json')}: unsupported normalizer {norm} (only NFC)")
-            vocab, added, nfc = model['vocab'], j.get('added_tokens', []), norm is not None
-            merges = [tuple(m.split(' ')) if isinstance(m, str) else tuple(m) for m in model['merges']]
-        elif os.path.exists(path('vocab.json')):  # as transformers' Qwen2Tokenizer reads these files
-            vocab, nfc, pattern = _read_json(path('vocab.json')), True, QWEN2_PATTERN
-            with open(path('merges.txt'), encoding='utf-8') as f:
-                merges = [tuple(line.split(' ')) for line in f.read().split('\n')
-                          if line and not line.startswith('#version')]
-            added = [dict(t, id=int(i)) for i, t in cfg.get('added_tokens_decoder', {}).items()]
-            files += [path('vocab.json'), path('merges.txt')]
-        else:
-            raise FileNotFoundError(f'no tokenizer.json or vocab.json + merges.txt in {directory}')
-        for t in added:
-            if t.get('lstrip') or t.get('rstrip') or t.get('single_word'):
-                raise ValueError(f"{directory}: added token {t['content']!r} uses lstrip/rstrip/single_word")
-        pad = cfg.get('pad_token', '<|endoftext|>')  # Qwen2's default
-        return cls(vocab, merges, added, pattern, nfc, pad.get('content') if isinstance(pad, dict) else pad,
-                   files, directory)
-
-    def encode(self, text):
-        ids, start = [], 0
-        for m in (self.added_re.finditer(text) if self.added_re else ()):
-            ids += self._encode_ordinary(text[start:m.start()]) + [self.added[m.group()]]
-            start = m.end()
-        return ids + self._encode_ordinary(text[start:])
-
-    def _encode_ordinary(self, text):
-        if not text:
-            return []
-        text = unicodedata.normalize('NFC', text) if self.nfc else text
-        return self.rank_to_id[self.bpe.encode_ordinary(text)].tolist()
-
-    def decode(self, ids, skip_special_tokens=False):
-        out, buf = [], b''  # as transformers: the bytes between two added tokens are decoded together
-        for i in (ids.tolist() if torch.is_tensor(ids) else ids):
-            if i in self.id_to_added:
-                out.append(buf.decode('utf-8', errors='replace'))
-                buf = b''
-                if not (skip_special_tokens and i in self.special_ids):
-                    out.append(self.id_to_added[i])
-            else:
-                buf += self.id_to_bytes[i]
-        return ''.join(out) + buf.decode('utf-8', errors='replace')
-
-    def chat_text(self, text, role='user', image=False):
-        """Qwen2.5-VL's chat template for one message (its text, then an image) and the generation prompt."""
-        vision = '<|vision_start|><|image_pad|><|vision_end|>' if image else ''
-        return (f'<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n'
-                f'<|im_start|>{role}\n{text}{vision}<|im_end|>\n<|im_start|>assistant\n')
-
-    def chat_ids(self, text, role='user', n_image_tokens=0):
-        """chat_text's ids, the image placeholder repeated n_image_tokens times (as the processor does)."""
-        ids = self.encode(self.chat_text(text, role, image=n_image_tokens > 0))
-        if n_image_tokens:
-            i = ids.index(self.added['<|image_pad|>'])
-            ids = ids[:i] + ids[i:i + 1] * n_image_tokens + ids[i + 1:]
-        return ids
-
-
-def _read_json(path):
-    try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON: {e}') from None
-
-
-# -----------------------------------------------------------------------------
-# images
-
-def smart_resize(height, width, factor, min_pixels, max_pixels):
-    """Qwen2-VL's target size: multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
-    if min(height, width) == 0:
-        raise ValueError(f'image has zero size ({width}x{height})')
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f'aspect ratio {max(height, width) / min(height, width):.0f} is over 200')
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
-
-
-def to_rgb(image):
-    """As transformers: anything with transparency is composited onto white, the rest converted by PIL;
-    but 16-bit greys are scaled to 8 bits (PIL's conversion, which transformers uses, clips them at 255)."""
-    if image.mode.startswith('I'):
-        image = Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8))
-    if 'A' in image.getbands() or 'transparency' in image.info:
-        white = Image.new('RGBA', image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert('RGBA')).convert('RGB')
-    return image.convert('RGB')
-
-
-def load_image(path):
-    """An image file as an RGB PIL image (see to_rgb); an unreadable or empty file is an error naming it."""
-    if os.path.exists(path) and os.path.getsize(path) == 0:
-        raise ValueError(f'cannot read image {path}: the file is empty')
-    try:
-        with Image.open(path) as f:
-            f.load()
-            image = f
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f'cannot read image {path}: {e}') from None
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f'cannot read image {path}: zero size ({image.width}x{image.height})')
-    return to_rgb(image)
-
-
-def preprocess_image(image, min_pixels=3136, max_pixels=65536, patch_size=14, merge_size=2, temporal_patch_size=2):
-    """Image (path or PIL) -> pixel_values (N, 3*T*P*P) float32 and image_grid_thw (1, 3), equal to
-    transformers' Qwen2VLImageProcessor: smart resize (bicubic), /255, CLIP mean/std, patches in
-    merge-block order, each repeated temporal_patch_size times (a still image is a one-frame video)."""
-    image = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
-    h, w = smart_resize(image.height, image.width, patch_size * merge_size, min_pixels, max_pixels)
-    x = np.asarray(image.resize((w, h), Image.BICUBIC)).astype(np.float64) * (1 / 255)
-    x = (x.astype(np.float32) - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
-    gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
-    x = x.transpose(2, 0, 1).reshape(3, gh // m, m, p, gw // m, m, p)
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)[:, :, :, :, :, None]  # (gh/m, gw/m, m, m, C, 1, p, p)
-    x = np.broadcast_to(x, (*x.shape[:5], temporal_patch_size, p, p))
-    return torch.from_numpy(x.reshape(gh * gw, -1).copy()), torch.tensor([[1, gh, gw]])

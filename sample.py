@@ -1,14 +1,13 @@
 """
-Caption an image, generate from text, or reconstruct an image through its caption (I2T2I).
+Caption an image, draw an image from text, or reconstruct an image through its caption (I2T2I).
 
     python sample.py                                        # the toy demo: test images, captions, reconstructions
     python sample.py --mode=i2t --image=cat.jpg             # image -> caption
     python sample.py --mode=t2i --prompt="a red circle in the center." --out=x.png
     python sample.py --mode=recon --image=cat.jpg --out=recon.png
-    python sample.py config/uae_real.py --mode=recon --image=cat.jpg   # real UAE checkpoints, paths in the file
+    python sample.py config/uae.py --mode=recon --image=cat.jpg   # real UAE checkpoints, paths in the file
 
-The functions load_uae / caption / generate are the UAE inference pipeline; bench.py and train_rl.py
-use them too.
+The pipeline itself (load_uae, caption, draw) is pipeline.py.
 """
 import os
 import time
@@ -17,107 +16,46 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import model_decoder as D
-from common import autocast, configure, keep_freed_memory, load_safetensors, pick_device
-from lora import load_peft
-from model_encoder import Encoder, load_image
+from common import autocast, configure, keep_freed_memory, make_dir, pick_device, require_positive, run
+from images import load_image, to_pil
+from pipeline import caption, draw, load_uae
 
 config = dict(
     mode='demo',              # demo | i2t | t2i | recon
     image='', prompt='', out='out/sample.png',
-    # checkpoints (SPEC §3): the toy ones ship with the repo; for real ones give local directories
+    # checkpoints (docs/uae.md): the toy ones ship with the repo; for real ones give local directories
     llm='checkpoints/toy/llm',          # Qwen2.5-VL / UAE `llm` directory (with the projector)
+    processor='',             # tokenizer + preprocessor_config.json (UAE: llm_model_preprocessor); '' = in llm
     llm_lora='',              # UAE `llm_lora` shards or a PEFT adapter directory (ours)
     dit='checkpoints/toy/dit',          # diffusers SD3Transformer2DModel directory / UAE `dit`
     dit_lora='',              # PEFT adapter directory (UAE `dit_lora`, Flow-GRPO, ours)
-    vae='checkpoints/toy/codec.safetensors',  # SD3.5's AutoencoderKL directory, the toy's LinearCodec file, or '' (pixels)
+    vae='checkpoints/toy/codec.safetensors',  # the latent codec: SD3.5's VAE directory, the toy's LinearCodec
+                              # file, or '' (the decoder draws pixels)
     pooled='checkpoints/toy/pooled.safetensors',  # the constant pooled vector (key 'pooled')
     negative_prompt='',       # real UAE: 'Generate a random, low quality, ugly, blur, bad and anime, cartoon image.'
     size=48,                  # output resolution in pixels (real: 1024)
-    steps=20, cfg=2.0, shift=3.0,  # shift as the toy decoder is sampled in training (train_sft's sample_shift); real UAE: 40 steps, CFG 5.0, shift 3.0
-    temperature=0.7, max_new_tokens=512,
+    steps=20, guidance=2.0,   # sampling steps, classifier-free guidance scale (real UAE: 40 steps, 5.0)
+    shift=3.0,                # as the toy decoder is sampled in training (train_sft's sample_shift); real UAE: 3.0
+    temperature=0.7, max_new_tokens=512,  # 0.7: what UAE's demo passes to generate, over generation_config.json
+    # captioning as transformers' generate: None = the llm's generation_config.json (Qwen2.5-VL's: top_k 1,
+    # top_p 0.001, repetition_penalty 1.05, i.e. greedy in effect); no such file = plain sampling
+    top_k=None, top_p=None, repetition_penalty=None,
     max_prompt_tokens=512,    # longer prompts are cut, with a note (UAE captions are at most 512 tokens); 0 = no limit
     demo_images=8, data_dir='data/shapes/out',
     seed=0, device='auto', dtype='float32',  # real models: dtype='bfloat16' on a GPU
 )
-
-
-# -----------------------------------------------------------------------------
-# the UAE pipeline
-
-def load_uae(cfg, device):
-    """(encoder, decoder, vae or None, pooled (1, P)) from the paths in cfg; adapters applied."""
-    for key in ('llm', 'dit', 'pooled') + (('vae',) if cfg['vae'] else ()):
-        if not os.path.exists(cfg[key]):
-            raise FileNotFoundError(f"--{key}={cfg[key]} does not exist" +
-                                    (': train or unpack the toy checkpoints (see README)' if 'toy' in cfg[key] else ''))
-    # frozen weights in the run's dtype (bf16 halves real models' memory: the README's memory plan); LoRA
-    # adapters stay fp32 (lora.py), the codec / VAE fp32
-    dtype = getattr(torch, cfg.get('dtype', 'float32'))
-    enc = Encoder.from_pretrained(cfg['llm'], dtype=dtype, device=device).eval()
-    if cfg['llm_lora']:
-        if os.path.exists(os.path.join(cfg['llm_lora'], 'adapter_config.json')):
-            load_peft(enc, cfg['llm_lora'])
-        else:
-            enc.load_llm_lora(cfg['llm_lora'])
-    dit = D.MMDiT.from_pretrained(cfg['dit'], dtype=dtype, device=device).eval()
-    if cfg['dit_lora']:
-        load_peft(dit, cfg['dit_lora'])
-    vae = D.load_vae(cfg['vae'], device=device) if cfg['vae'] else None
-    pooled = load_safetensors(cfg['pooled'])['pooled'].to(device, dtype).view(1, -1)
-    return enc, dit, vae, pooled
-
-
-@torch.no_grad()
-def caption(enc, images, temperature=0.7, max_new_tokens=512, greedy=False, generator=None):
-    """PIL images -> (captions, Generation with tokens / log-probs / mask)."""
-    out = enc.generate(**enc.caption_inputs(images), max_new_tokens=max_new_tokens, temperature=temperature,
-                       greedy=greedy, generator=generator, suppress_tokens=enc.vision_tokens())
-    if bool(out.mask[:, -1].any()) and out.mask.shape[1] == max_new_tokens:
-        truncated = int(out.mask[:, -1].sum())
-        print(f'note: {truncated} caption(s) hit max_new_tokens={max_new_tokens} and were cut short')
-    texts = [enc.tokenizer.decode(t[m].tolist(), skip_special_tokens=True).strip()
-             for t, m in zip(out.tokens, out.mask)]
-    return texts, out
-
-
-@torch.no_grad()
-def fit_prompt(tokenizer, prompt, max_tokens, index=0):
-    ids = tokenizer.encode(prompt)
-    if max_tokens and len(ids) > max_tokens:
-        print(f'note: prompt {index} has {len(ids)} tokens, more than max_prompt_tokens={max_tokens}: '
-              f'truncated to {max_tokens}')
-        return tokenizer.decode(ids[:max_tokens])
-    return prompt
-
-
-def generate(enc, dit, vae, pooled, prompts, negative_prompt='', size=None, steps=40, cfg=5.0, shift=3.0,
-             generator=None, noise=None, max_prompt_tokens=None):
-    """Prompts -> uint8 images (B, H, W, 3). Conditioning as UAE (SPEC §2): the LLM's projected hidden
-    states of the `generate` template, prompts and the negative prompt right-padded together.
-    noise (B, C, h, w) overrides the starting draw (e.g. one draw shared by a group of captions).
-    A prompt longer than max_prompt_tokens is cut to that length, and said so."""
-    prompts = [fit_prompt(enc.tokenizer, p, max_prompt_tokens, i) for i, p in enumerate(prompts)]
-    ctx = enc.embed_prompt(list(prompts) + [negative_prompt])
-    n = len(prompts)
-    down = vae.factor if vae is not None else 1  # pixels per latent position
-    size = size or dit.config.sample_size * down
-    shape = (dit.config.in_channels, size // down, size // down)
-    x = D.sample(dit, ctx[:n], pooled.expand(n, -1), ctx[n:], pooled, steps=steps, cfg=cfg, shift=shift,
-                 generator=generator, shape=shape, noise=noise)
-    x = D.decode(vae, x)
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+SAMPLING_KEYS = ('top_k', 'top_p', 'repetition_penalty')
 
 
 # -----------------------------------------------------------------------------
 # the toy demo: a contact sheet of originals, captions, reconstructions and their exact scores
 
-def contact_sheet(rows, path, scale=4):
+def demo_sheet(rows, path, scale=4):
     """rows: (original uint8 HxWx3, caption, reconstruction, score text) -> one PNG."""
     h, w = rows[0][0].shape[:2]
     H, W, text_w = h * scale, w * scale, 520
     sheet = Image.new('RGB', (2 * W + text_w + 30, len(rows) * (H + 10) + 10), 'white')
-    draw = ImageDraw.Draw(sheet)
+    pen = ImageDraw.Draw(sheet)
     for i, (orig, text, recon, note) in enumerate(rows):
         y = 10 + i * (H + 10)
         sheet.paste(Image.fromarray(orig).resize((W, H), Image.NEAREST), (10, y))
@@ -127,12 +65,12 @@ def contact_sheet(rows, path, scale=4):
             if len(lines[-1]) + len(word) > 80:
                 lines.append('')
             lines[-1] += word + ' '
-        draw.multiline_text((30 + 2 * W, y), '\n'.join(lines[:8] + [note]), fill='black')
+        pen.multiline_text((30 + 2 * W, y), '\n'.join(lines[:8] + [note]), fill='black')
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     sheet.save(path)
 
 
-def demo(cfg, enc, dit, vae, pooled, device):
+def demo(cfg, enc, dit, codec, pooled, device):
     from data.shapes import world
     test_dir = os.path.join(cfg['data_dir'], 'test')
     if os.path.exists(os.path.join(test_dir, 'scenes.jsonl')):
@@ -144,9 +82,10 @@ def demo(cfg, enc, dit, vae, pooled, device):
         scenes = [world.sample_scene(rng) for _ in range(cfg['demo_images'])]
         images = np.stack([world.render(s) for s in scenes])
     gen = torch.Generator(device).manual_seed(cfg['seed'])
-    texts, _ = caption(enc, [Image.fromarray(np.asarray(im)) for im in images], cfg['temperature'], 64, generator=gen)
-    recon = generate(enc, dit, vae, pooled, texts, cfg['negative_prompt'], None, cfg['steps'], cfg['cfg'],
-                     cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'])
+    texts, _ = caption(enc, to_pil(images), cfg['temperature'], 64, generator=gen,
+                       **{k: cfg[k] for k in SAMPLING_KEYS})
+    recon = draw(enc, dit, codec, pooled, texts, cfg['negative_prompt'], None, cfg['steps'], cfg['guidance'],
+                 cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'])
     rows, f1s = [], []
     for im, text, rec, scene in zip(images, texts, recon, scenes):
         s = world.score(world.parse_image(rec), scene)
@@ -155,44 +94,53 @@ def demo(cfg, enc, dit, vae, pooled, device):
         note = f"caption recall {c['object_recall']:.2f} | reconstruction F1 {s['object_f1']:.2f}"
         rows.append((np.asarray(im), text, rec, note))
         print(f'{text!r}\n    {note}')
-    contact_sheet(rows, cfg['out'])
+    demo_sheet(rows, cfg['out'])
     print(f'mean object F1 of the reconstructions: {np.mean(f1s):.3f}; contact sheet: {cfg["out"]}')
 
 
 def main():
     keep_freed_memory()
     cfg = configure(config)
+    # everything the models are not needed for is checked before they load
+    require_positive(cfg, 'steps', 'max_new_tokens', 'demo_images')
+    require_positive(cfg, 'size', 'max_prompt_tokens', 'temperature', minimum=0)
+    if cfg['mode'] not in ('demo', 'i2t', 't2i', 'recon'):
+        raise ValueError(f"unknown --mode={cfg['mode']}: demo, i2t, t2i or recon")
+    if cfg['mode'] in ('i2t', 'recon') and not cfg['image']:
+        raise ValueError(f"--mode={cfg['mode']} needs --image=PATH")
+    if cfg['mode'] == 't2i' and not cfg['prompt'].strip():
+        raise ValueError('--mode=t2i needs a non-empty --prompt="..."')
+    image = load_image(cfg['image']) if cfg['mode'] in ('i2t', 'recon') else None
+    if cfg['mode'] != 'i2t':  # where the image or contact sheet goes
+        if os.path.isdir(cfg['out']) or os.path.splitext(cfg['out'])[1].lower() not in Image.registered_extensions():
+            raise ValueError(f"--out={cfg['out']}: give an image file name (.png, .jpg, ...)")
+        make_dir(os.path.dirname(cfg['out']) or '.', 'out')
     device = pick_device(cfg['device'])
     t0 = time.time()
     torch.manual_seed(cfg['seed'])
-    enc, dit, vae, pooled = load_uae(cfg, device)
+    enc, dit, codec, pooled = load_uae(cfg, device)
     gen = torch.Generator(device).manual_seed(cfg['seed'])
     with autocast(device, cfg['dtype']):
         if cfg['mode'] == 'demo':
-            demo(cfg, enc, dit, vae, pooled, device)
+            demo(cfg, enc, dit, codec, pooled, device)
         elif cfg['mode'] in ('i2t', 'recon'):
-            if not cfg['image']:
-                raise ValueError(f"--mode={cfg['mode']} needs --image=PATH")
-            texts, _ = caption(enc, [load_image(cfg['image'])], cfg['temperature'], cfg['max_new_tokens'], generator=gen)
+            texts, _ = caption(enc, [image], cfg['temperature'], cfg['max_new_tokens'], generator=gen,
+                               **{k: cfg[k] for k in SAMPLING_KEYS})
             print(texts[0])
             if cfg['mode'] == 'recon':
-                img = generate(enc, dit, vae, pooled, texts, cfg['negative_prompt'], cfg['size'], cfg['steps'],
-                               cfg['cfg'], cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'])[0]
+                img = draw(enc, dit, codec, pooled, texts, cfg['negative_prompt'], cfg['size'], cfg['steps'],
+                           cfg['guidance'], cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'])[0]
                 os.makedirs(os.path.dirname(cfg['out']) or '.', exist_ok=True)
                 Image.fromarray(img).save(cfg['out'])
                 print(f"reconstruction: {cfg['out']}")
         elif cfg['mode'] == 't2i':
-            if not cfg['prompt'].strip():
-                raise ValueError('--mode=t2i needs a non-empty --prompt="..."')
-            img = generate(enc, dit, vae, pooled, [cfg['prompt']], cfg['negative_prompt'], cfg['size'], cfg['steps'],
-                           cfg['cfg'], cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'])[0]
+            img = draw(enc, dit, codec, pooled, [cfg['prompt']], cfg['negative_prompt'], cfg['size'], cfg['steps'],
+                       cfg['guidance'], cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'])[0]
             os.makedirs(os.path.dirname(cfg['out']) or '.', exist_ok=True)
             Image.fromarray(img).save(cfg['out'])
             print(f"image: {cfg['out']}")
-        else:
-            raise ValueError(f"unknown --mode={cfg['mode']}: demo, i2t, t2i or recon")
     print(f'done in {time.time() - t0:.1f} s')
 
 
 if __name__ == '__main__':
-    main()
+    run(main)

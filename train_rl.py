@@ -7,12 +7,17 @@ Unified-GRPO, the three RL stages of UAE, on the toy world (default) or on real 
     torchrun --nproc_per_node=2 train_rl.py --stage=g4u     # DDP: gloo on CPU, nccl on GPU
     python train_rl.py config/uae_g4u.py    # real UAE / Qwen2.5-VL / SD3.5 checkpoints on a folder of images
 
-data_dir is the toy world (prepare.py's splits, scored exactly: object F1) or a folder of real images with
-train/ and val/ subfolders (scored by the reward's embedders). The algorithm (advantages, losses, rollouts,
-reward) is in grpo.py; this file is the loop: data, LoRA, gradient all-reduce, evaluation, logging, checkpoints. Every random draw is seeded by
-(seed, step, rank), so a resumed run repeats the uninterrupted one exactly.
+This file is the loop, read top to bottom: the reward, one step per stage (rollouts, reward, group
+advantages, loss), evaluation, data, then main (LoRA, optimiser, gradient all-reduce, logging,
+checkpoints). The math of the advantages and the two losses, with their sources, is grpo.py; the
+samplers are the models' (Encoder.generate, model_decoder.sample); pipeline.py loads and draws.
+data_dir is the toy world (prepare.py's splits, scored exactly by its parser) or a folder of real
+images with train/ and val/ subfolders (scored by the reward's embedders). Every random draw is seeded
+by (seed, step, rank), so a resumed run repeats the uninterrupted one exactly; the rollouts, and so the
+results, depend on the number of ranks.
 """
 import json
+import math
 import os
 import time
 
@@ -23,43 +28,56 @@ from PIL import Image, ImageDraw
 
 import grpo
 import model_decoder as D
-from common import (autocast, configure, keep_freed_memory, load_checkpoint, optimizer_from_files,
-                    optimizer_to_files, require_positive, save_checkpoint, setup_distributed,
-                    teardown_distributed)
+from common import (autocast, check_checkpoint, check_optimizer_files, check_run_dir, configure, keep_freed_memory,
+                    load_checkpoint, optimizer_from_files, optimizer_to_files, require_positive, run,
+                    save_checkpoint, setup_distributed, skip_nonfinite, teardown_distributed, truncate_log)
 from data.shapes import world
+from embedders import SCENE_METRICS, load_embedder, similarities
+from images import IMAGE_EXTENSIONS, load_image, to_pil, to_pixels, to_uint8
 from lora import apply_lora, lora_disabled, lora_layers, lora_parameters, save_peft
-from model_encoder import load_image
-from sample import caption, config as sample_config, generate, load_uae
+from pipeline import caption, caption_texts, draw, load_uae
 
+TOY = 'checkpoints/toy'  # the shipped toy checkpoints
 config = dict(
     stage='g4u',                     # coldstart | g4u | u4g
-    data_dir='data/shapes/out',      # the toy world, or a folder of images: train/ and val/ of png/jpg/jpeg/webp
+    data_dir='data/shapes/out',      # the toy world, or a folder with train/ and val/ of jpg/png/webp/bmp/tiff
     out_dir='',                      # default out/rl_<stage>
-    resume=False,
-    # the models (sample.py's keys); an adapter given here is loaded: trained further if its model is, else frozen
-    **{k: sample_config[k] for k in ('llm', 'dit', 'dit_lora', 'vae', 'pooled', 'negative_prompt')},
+    resume=False,                    # continue from out_dir/ckpt (a new run refuses an out_dir that holds one)
+    # the models (as sample.py's keys); an adapter given here is loaded: trained further if its model is, else frozen
+    llm=f'{TOY}/llm',                # Qwen2.5-VL / UAE `llm` directory (with the projector)
+    processor='',                    # its tokenizer + preprocessor_config.json (UAE: llm_model_preprocessor); '' = llm
+    dit=f'{TOY}/dit',                # diffusers SD3Transformer2DModel directory / UAE `dit`
+    dit_lora='',                     # PEFT adapter directory
+    vae=f'{TOY}/codec.safetensors',  # the latent codec: SD3.5's VAE directory or the toy's LinearCodec file
+    pooled=f'{TOY}/pooled.safetensors',  # the constant pooled vector (tools/sd3_pooled.py for SD3.5)
+    negative_prompt='',              # the CFG negative prompt (UAE's: config/uae_*.py)
     # None: none for coldstart and g4u; for u4g on the toy encoder, the shipped G4U adapter. UAE runs U4G
     # after G4U, so the decoder learns from the captions of the RL-trained encoder; the SFT encoder's terse
     # captions ("a white square.") leave the decoder little it could get right. '' = no adapter
     llm_lora=None,
-    # the LoRA being trained (SPEC §2/§4: r=32, alpha=64; gaussian init as UAE's encoder)
+    # the LoRA being trained: r=32, alpha=64, gaussian init, as UAE's encoder LoRA
     lora_r=32, lora_alpha=64, lora_init='gaussian',
+    # where it goes (regex or list of name suffixes, lora.matches): UAE's encoder LoRA is on every linear layer
+    # of the LLM (not the vision tower, lm_head or projector); the decoder's on the attention projections
+    llm_lora_targets=r'model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)',
     dit_lora_targets=['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj', 'to_add_out'],
     steps=100, images_per_step=8, group_size=8, micro_batch=64,
     lr=3e-4, weight_decay=0.0, grad_clip=1.0,
     beta=0.01,                       # KL to the reference (the same model with its LoRA disabled)
-    # metric -> weight; names: scene, scene_attributes, pixel, clip, dinov2, dinov3, longclip (grpo.Reward).
+    # metric -> weight; names: scene, scene_attributes, pixel, clip, dinov2, dinov3, longclip (embedders.py).
     # The toy default gives partial credit per attribute: `python bench.py --task reward` shows it rising
     # with caption completeness on the shipped checkpoints, while exact object F1 stays near 0 for them
     reward={'scene_attributes': 1.0},
     reward_paths={},                 # metric -> local checkpoint path for the real embedders
     adv_scale='std',                 # 'std' (GRPO) or 'none' (only subtract the group mean)
-    # g4u: caption sampling and the token loss
+    # g4u: caption sampling and the token loss. Plain sampling at `temperature`, on purpose without the top-k,
+    # top-p or repetition penalty of generation_config.json (Qwen2.5-VL's is greedy in effect): the policy
+    # gradient needs the policy's full distribution, and G captions of one image must differ
     temperature=1.0, max_new_tokens=64, eps_low=0.2, eps_high=0.28,
     # decoding (all stages) and u4g's SDE
-    # shift 3.0: the toy decoder is sampled with it (train_sft's sample_shift), as SD3.5 is (SPEC §2);
-    # rollouts on another schedule would reward images the decoder was never checked on
-    sample_steps=10, cfg=2.0, shift=3.0,
+    # guidance: the classifier-free guidance scale. shift 3.0: the toy decoder is sampled with it (train_sft's
+    # sample_shift), as SD3.5 is; rollouts on another schedule would reward images the decoder was never checked on
+    sample_steps=10, guidance=2.0, shift=3.0,
     size=0,                          # image size in pixels; 0 = the decoder's native size (real images are cropped to it)
     noise_level=0.7, sde_window=3,   # u4g: SDE (trained) on a window of this many steps; 0 = all but the last
     sde_start=-1,                    # u4g: the window's first step; -1 = a random start each step
@@ -67,114 +85,248 @@ config = dict(
     caption_temperature=0.7,         # u4g, coldstart on real images: how the encoder captions (as at inference)
     # coldstart: differentiable sampling steps
     coldstart_steps=4,
-    grad_checkpointing=False,        # the DiT recomputes each block in the backward pass (real models: the README's memory plan)
+    grad_checkpointing=False,        # the DiT recomputes each block in the backward (real models: docs/memory_plan.md)
     # evaluation on held-out images (the validation split), logging, checkpoints
     eval_every=25, eval_images=100, eval_steps=20, eval_temperature=0.7,
     eval_batch=0,                    # held-out images captioned / reconstructed at once; 0 = all
     log_every=1, save_every=50,
+    max_nonfinite=10,                # a step with a NaN/inf loss or gradient is skipped; this many in a row stop the run
     seed=1337, device='auto', dtype='float32',
 )
 
 
 # -----------------------------------------------------------------------------
-# helpers
+# the reward: how similar each reconstruction is to its original
 
-def pil(images):
-    return [Image.fromarray(np.asarray(im)) for im in images]
-
-
-def to_pixels(images, device):
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
+def load_reward(cfg, device):
+    """The embedders the reward needs ({name: embedder}); the toy world's scene metrics need none."""
+    return {m: load_embedder(m, cfg['reward_paths'].get(m), device) for m in cfg['reward'] if m not in SCENE_METRICS}
 
 
-def all_gather_cat(x, world_size):
-    """Concatenate a tensor from every rank (rank order), so group statistics see whole groups."""
-    if world_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+def reward(cfg, embedders, recon, originals, world_size, device):
+    """The reward of every rollout of every rank (rank order) -> (rewards (N,), log dict).
 
-
-def all_reduce_grads(params, world_size):
-    """Sum the LoRA gradients of all ranks (each rank's loss is already normalised by the global count)."""
-    if world_size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):  # torch.cat promoted mixed dtypes
-        p.grad = g.view_as(p).to(p.dtype)
-
-
-def rollout_rewards(reward_fn, recon, originals, world_size, device):
-    """Rewards of this rank's rollouts, gathered from every rank (rank order) -> (rewards for the advantages,
-    log dict). Each metric is gathered before several are mixed, so that the z-scores of the mix (grpo.Reward)
-    see the whole batch however it is split across ranks. The logged reward is the weighted mean of the raw
-    similarities: a mix of z-scores averages 0 over any batch."""
-    m = {k: all_gather_cat(v.to(device), world_size).float() for k, v in reward_fn.metrics(recon, originals).items()}
-    w = reward_fn.weights
-    mixed = next(iter(m.values())) if len(m) == 1 else sum(w[k] * grpo.zscore(v) for k, v in m.items())
-    raw = sum(w[k] * v for k, v in m.items()) / sum(w.values())
+    Each metric's similarity (embedders.similarities) is gathered from all ranks first. One metric is
+    the reward itself; several are each z-scored over the whole batch, then mixed with their weights,
+    so that none dominates by scale and the statistics do not depend on how the batch is split. The
+    logged reward is the weighted mean of the raw similarities (a mix of z-scores averages 0).
+    A NaN or inf similarity would make every advantage NaN: such rollouts stay out of the statistics
+    and keep a NaN reward, grpo.group_advantages skips their groups, the log counts them."""
+    w = cfg['reward']
+    m = {k: all_gather_cat(v.to(device), world_size).float()
+         for k, v in similarities(list(w), embedders, recon, originals).items()}
+    ok = torch.stack([v.isfinite() for v in m.values()]).all(0)
+    mixed = next(iter(m.values())).clone()
+    if len(m) > 1:
+        mixed[ok] = sum(w[k] * grpo.zscore(v[ok]) for k, v in m.items())
+        mixed[~ok] = math.nan
+    raw = (sum(w[k] * v for k, v in m.items()) / sum(w.values()))[ok]
     return mixed, dict(reward=raw.mean().item(), reward_std=raw.std().item(),
-                       **{f'reward_{k}': v.mean().item() for k, v in m.items() if len(m) > 1})
+                       **{f'reward_{k}': v[ok].mean().item() for k, v in m.items() if len(m) > 1},
+                       nonfinite_rewards=int((~ok).sum()))
 
 
-def check_ranks_in_sync(named):
-    """Raise if the trainable weights differ between ranks, else return their number. Without
-    DistributedDataParallel nothing else would notice replicas drifting apart (a missed all-reduce, a
-    rank-dependent draw). Element-wise max and min over the ranks agree exactly where all ranks do:
-    two all-reduces of one flat copy, instead of gathering every rank's copy on one GPU."""
-    flat = torch.cat([p.detach().reshape(-1).float() for p in named.values()])
-    hi, lo = flat.clone(), flat.clone()
-    dist.all_reduce(hi, dist.ReduceOp.MAX)
-    dist.all_reduce(lo, dist.ReduceOp.MIN)
-    if not torch.equal(hi, lo):
-        sizes = [p.numel() for p in named.values()]
-        bad = [n for n, h, l in zip(named, hi.split(sizes), lo.split(sizes)) if not torch.equal(h, l)]
-        raise RuntimeError(f'ranks diverged: {len(bad)} of {len(named)} trainable tensors differ '
-                           f'(max |difference| {(hi - lo).max().item():.3g}), e.g. {bad[:3]}')
-    return flat.numel()
+# -----------------------------------------------------------------------------
+# one optimisation step per stage: rollouts, reward, advantages, loss; each returns its log statistics
+
+def g4u_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_size):
+    """Generation for understanding: G captions per image, each drawn again by the frozen decoder and
+    rewarded by how similar the drawing is to the image; token-level GRPO on the encoder's LoRA."""
+    G = cfg['group_size']
+    enc.eval()
+    # 1. rollouts: G captions per image (rows image-major: i*G ... i*G+G-1 are image i's), sampled from the
+    # policy at `temperature`, with their log-probs. The suppressed ids are suppressed again in the loss
+    suppress = enc.caption_suppress_tokens()
+    with torch.no_grad():
+        batch = enc.caption_inputs([im for im in to_pil(images) for _ in range(G)])
+        out = enc.generate(**batch, max_new_tokens=cfg['max_new_tokens'], temperature=cfg['temperature'],
+                           generator=gen, suppress_tokens=suppress)
+    texts = caption_texts(enc, out)
+    # 2. each caption drawn by the frozen decoder; one starting noise per image, shared by its G captions,
+    # so that reward differences within a group come from the captions
+    noise = torch.randn(len(images), *latent_shape(cfg, dit, codec), generator=gen, device=gen.device)
+    recon = draw(enc, dit, codec, pooled, texts, cfg['negative_prompt'], cfg['size'] or None, cfg['sample_steps'],
+                 cfg['guidance'], cfg['shift'], noise=noise.to(pooled.device).repeat_interleave(G, 0))
+    # 3. reward and advantages: over the whole batch of all ranks, then this rank's rows
+    rewards, log = reward(cfg, embedders, recon, np.repeat(np.asarray(images), G, axis=0), world_size,
+                          pooled.device)
+    adv, zero_std = grpo.group_advantages(rewards, G, cfg['adv_scale'])
+    adv = adv.view(world_size, -1)[rank]
+    # 4. the loss over every caption token of the batch, micro_batch captions per backward
+    mask = out.mask
+    n_tokens = mask.sum().float()
+    if world_size > 1:
+        dist.all_reduce(n_tokens)
+    stats, n = dict(kl=0.0, clip_frac=0.0, ratio=0.0, entropy=0.0), len(texts)
+    patches = batch['image_grid_thw'].prod(-1)  # pixel_values rows belonging to each caption's image
+    start = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
+    for i in range(0, n, cfg['micro_batch']):
+        sl = slice(i, i + cfg['micro_batch'])
+        mb = {k: v[sl] for k, v in batch.items() if k != 'pixel_values'}
+        rows = torch.arange(n)[sl]
+        mb['pixel_values'] = batch['pixel_values'][start[rows[0]]:start[rows[-1] + 1]]
+        logp, ent = enc.token_logprobs(mb, out.tokens[sl], mask[sl], cfg['temperature'], True, suppress)
+        ref = None
+        if cfg['beta'] > 0:  # the reference policy: the same model with its LoRA disabled
+            with torch.no_grad(), lora_disabled(enc):
+                ref = enc.token_logprobs(mb, out.tokens[sl], mask[sl], cfg['temperature'], suppress_tokens=suppress)
+        loss, s = grpo.token_grpo_loss(logp, out.logprobs[sl], adv[sl], mask[sl], ref, cfg['eps_low'],
+                                       cfg['eps_high'], cfg['beta'], n_tokens=n_tokens)
+        loss.backward()
+        w = mask[sl].sum().item() / max(mask.sum().item(), 1)
+        for k in ('kl', 'clip_frac', 'ratio'):
+            stats[k] += s[k] * w
+        stats['entropy'] += (ent.sum() / mask.sum().clamp(min=1)).item()
+    return dict(log, zero_std=zero_std, caption_tokens=mask.sum(1).float().mean().item(), **stats)
 
 
-def plot_curves(rows, path, keys=('reward', 'caption_tokens')):
-    """The aha-moment figure: each key against the step, one panel each, drawn with PIL."""
-    W, H, pad = 640, 220, 40
-    img = Image.new('RGB', (W, H * len(keys)), 'white')
-    draw = ImageDraw.Draw(img)
-    for i, key in enumerate(keys):
-        pts = [(r['step'], r[key]) for r in rows if key in r]
-        top = i * H
-        draw.rectangle([pad, top + 20, W - 10, top + H - pad + 20], outline='gray')
-        draw.text((pad, top + 4), key, fill='black')
-        if len(pts) < 2:
-            continue
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-        y1 = y1 if y1 > y0 else y0 + 1e-6
-        sx = lambda x: pad + (x - x0) / max(x1 - x0, 1) * (W - 10 - pad)
-        sy = lambda y: top + H - pad + 20 - (y - y0) / (y1 - y0) * (H - pad - 20)
-        draw.line([(sx(x), sy(y)) for x, y in pts], fill='navy', width=2)
-        draw.text((2, sy(y1) - 5), f'{y1:.3g}', fill='black')
-        draw.text((2, sy(y0) - 5), f'{y0:.3g}', fill='black')
-        draw.text((W - 60, top + H - pad + 24), f'step {x1}', fill='black')
-    img.save(path)
+def u4g_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_size, step):
+    """Understanding for generation: one caption per image from the frozen encoder, G images per caption
+    from the decoder's SDE sampler, rewarded by similarity to the image; Flow-GRPO on the decoder's LoRA
+    over the SDE steps."""
+    G, T = cfg['group_size'], cfg['sample_steps']
+    # 1. the captions (as at inference) and their embeddings, the negative prompt's last
+    with torch.no_grad():
+        texts, _ = caption(enc, to_pil(images), cfg['caption_temperature'], cfg['max_new_tokens'], generator=gen)
+        ctx = enc.embed_prompt(texts + [cfg['negative_prompt']])
+    n = len(texts)
+    ctx_c, neg = ctx[:n].repeat_interleave(G, 0), ctx[n:]
+    pooled_c = pooled.expand(n * G, -1)
+    # 2. rollouts: G images per caption. The SDE window says which denoising steps are stochastic (and
+    # trained), the same on every rank; never the last step, which would leave noise in the image
+    window = min(cfg['sde_window'] or T - 1, T - 1)
+    if cfg['sde_start'] >= 0:
+        start = min(cfg['sde_start'], T - 1 - window)
+    else:
+        start = int(np.random.default_rng([cfg['seed'], step, 7]).integers(0, T - window)) if window < T - 1 else 0
+    noise = torch.randn(n * G, *latent_shape(cfg, dit, codec), generator=gen, device=gen.device).to(pooled.device)
+    with torch.no_grad():
+        x0, transitions = D.sample(dit, ctx_c, pooled_c, neg, pooled, T, cfg['guidance'], cfg['shift'], gen,
+                                   noise=noise, sde_steps=set(range(start, start + window)),
+                                   noise_level=cfg['noise_level'])
+    recon = to_uint8(D.decode(codec, x0))
+    # 3. reward and advantages: over the whole batch of all ranks, then this rank's rows
+    rewards, log = reward(cfg, embedders, recon, np.repeat(np.asarray(images), G, axis=0), world_size,
+                          pooled.device)
+    adv, zero_std = grpo.group_advantages(rewards, G, cfg['adv_scale'])
+    adv = adv.view(world_size, -1)[rank]
+    # 4. the loss: each stored transition re-scored under the current weights, micro_batch rollouts at once
+    stats = dict(kl=0.0, clip_frac=0.0, ratio=0.0)
+    n_total = n * G * world_size
+    for t in transitions:
+        for i in range(0, n * G, cfg['micro_batch']):
+            sl = slice(i, i + cfg['micro_batch'])
+            tt = dict(j=t['j'], x=t['x'][sl], x_next=t['x_next'][sl])
+            args = (ctx_c[sl], pooled_c[sl], neg, pooled, T, cfg['guidance'], cfg['shift'], cfg['noise_level'])
+            logp, mean, std = D.transition_logprob(dit, tt, *args)
+            ref_mean = None
+            if cfg['beta'] > 0:  # the reference policy: the same model with its LoRA disabled
+                with torch.no_grad(), lora_disabled(dit):
+                    _, ref_mean, _ = D.transition_logprob(dit, tt, *args)
+            loss, s = grpo.flow_grpo_loss(logp, t['log_prob'][sl], adv[sl], cfg['flow_eps'], cfg['adv_clip'],
+                                          mean, ref_mean, std, cfg['beta'])
+            # each call averages over its micro-batch: weight it to a mean over all samples and SDE steps
+            (loss * logp.shape[0] / n_total / len(transitions)).backward()  # summed over ranks later
+            for k in stats:
+                stats[k] += s[k] * logp.shape[0] / (n * G) / len(transitions)
+    return dict(log, zero_std=zero_std, sde_steps=f'{start}-{start + window - 1}', **stats)
+
+
+def coldstart_step(cfg, enc, dit, codec, pooled, images, captions, gen, world_size):
+    """End-to-end semantic reconstruction (UAE's stage 1): the encoder reads the image and its caption,
+    the caption tokens' projected hidden states condition the decoder, a few Euler steps with gradients
+    turn noise into an image, loss = 1 - pixel similarity to the original (differentiable).
+    captions None (real images come without): the encoder's own, sampled at caption_temperature."""
+    if captions is None:
+        captions, _ = caption(enc, to_pil(images), cfg['caption_temperature'], cfg['max_new_tokens'], generator=gen)
+    batch = enc.caption_inputs(to_pil(images))
+    tokens, mask = enc.caption_tokens(captions)
+    ids = torch.cat([batch['input_ids'], tokens], 1)
+    # the layer the decoder is conditioned on (Encoder.prompt_hidden): the last unless prompt_layer is set
+    h, _ = enc.hidden_states(ids, torch.cat([batch['attention_mask'], mask], 1), batch['pixel_values'],
+                             batch['image_grid_thw'], num_layers=enc.config.prompt_layer)
+    ctx = enc.project(h[:, -tokens.shape[1]:])  # (B, T, joint_dim): the caption tokens' states
+    noise = torch.randn(len(images), *latent_shape(cfg, dit, codec), generator=gen, device=gen.device)
+    x = D.sample(dit, ctx, pooled.expand(len(images), -1), steps=cfg['coldstart_steps'], guidance=1.0,
+                 shift=cfg['shift'], noise=noise.to(pooled.device))  # with gradients: no torch.no_grad here
+    x = D.decode(codec, x) if codec is not None else x
+    target = to_pixels(images, x.device)
+    # the pixel metric (1 - mean |a - b| on [0, 1] images), unclamped so that every pixel has a gradient
+    similarity = 1 - ((x - target).abs() / 2).mean(dim=(1, 2, 3))
+    loss = (1 - similarity).mean()
+    (loss / world_size).backward()  # gradients are summed over ranks
+    return dict(loss=loss.item(), reward=similarity.mean().item(), caption_tokens=mask.sum(1).float().mean().item())
+
+
+# -----------------------------------------------------------------------------
+# evaluation: I2T2I on held-out images, scored exactly by the toy world or by the reward's embedders
+
+@torch.no_grad()
+def eval_captions(cfg, enc, images, gen):
+    """Captions of held-out images at eval_temperature, eval_batch images at a time (0 = all), and their
+    lengths in tokens (B,)."""
+    bs, texts, lengths = cfg['eval_batch'] or len(images), [], []
+    for i in range(0, len(images), bs):
+        t, out = caption(enc, to_pil(images[i:i + bs]), cfg['eval_temperature'], cfg['max_new_tokens'], generator=gen)
+        texts += t
+        lengths.append(out.mask.sum(1).float().cpu())
+    return texts, torch.cat(lengths)
+
+
+@torch.no_grad()
+def evaluate(cfg, enc, dit, codec, pooled, images, scenes=None, fixed_captions=None, embedders=None):
+    """Caption (fixed seed) unless captions are given, then reconstruct (eval_steps, fixed noise).
+    Toy world (scenes given): object F1 of the reconstructions, caption recall (objects, and each attribute
+    alone), pixel similarity, and the decoder's object F1 from the complete ground-truth captions.
+    Real images: each reward metric's mean similarity, and as `reward` their weighted mean (of the raw
+    similarities: the z-scores that mix them in training average to 0 over any batch)."""
+    gen = torch.Generator(pooled.device).manual_seed(cfg['seed'])
+    if fixed_captions is None:
+        texts, lengths = eval_captions(cfg, enc, images, gen)
+    else:
+        texts, lengths = fixed_captions, torch.tensor([len(enc.tokenizer.encode(t)) + 1. for t in fixed_captions])
+    bs = cfg['eval_batch'] or len(images)
+    redraw = lambda prompts: np.concatenate([draw(enc, dit, codec, pooled, prompts[i:i + bs], cfg['negative_prompt'],
+                                                  cfg['size'] or None, cfg['eval_steps'], cfg['guidance'], cfg['shift'],
+                                                  gen) for i in range(0, len(prompts), bs)])
+    recon = redraw(texts)
+    if scenes is None:
+        w = cfg['reward']
+        means = {k: v.float().mean().item()
+                 for k, v in similarities(list(w), embedders, recon, np.asarray(images)).items()}
+        return dict(reward=sum(w[k] * v for k, v in means.items()) / sum(w.values()),
+                    **{f'reward_{k}': v for k, v in means.items() if len(means) > 1},
+                    caption_tokens=float(lengths.mean()), example=texts[0]), texts
+    scores = [world.score(world.parse_image(r), s) for r, s in zip(recon, scenes)]
+    # what the captions get right: objects (all four attributes) and each attribute alone, so that an
+    # attribute the captioner never learned shows (docs/results.md: the size words)
+    said = [world.score(world.parse_caption(t), s) for t, s in zip(texts, scenes)]
+    pixel = 1 - np.abs(recon.astype(np.float32) - np.asarray(images, np.float32)).mean(axis=(1, 2, 3)) / 255
+    # how well the decoder reads a caption, whatever the encoder says: reconstructions from the complete
+    # ground-truth captions. The LLM that captions also conditions the decoder, so G4U's adapter moves
+    # this too, and U4G is what can bring it back
+    redrawn = redraw([world.caption(s) for s in scenes])
+    decoder_f1 = [world.score(world.parse_image(r), s)['object_f1'] for r, s in zip(redrawn, scenes)]
+    return dict(object_f1=float(np.mean([s['object_f1'] for s in scores])),
+                decoder_f1=float(np.mean(decoder_f1)),
+                attribute_f1=float(np.mean([world.attribute_score(s) for s in scores])),
+                caption_recall=float(np.mean([c['object_recall'] for c in said])),
+                **{f'caption_{a}_recall': float(np.mean([c[f'{a}_recall'] for c in said])) for a in world.ATTRS},
+                caption_tokens=float(lengths.mean()), pixel=float(np.mean(pixel)), example=texts[0]), texts
 
 
 # -----------------------------------------------------------------------------
 # data: the toy world, or a folder of real images read a batch at a time
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp')
+
+def image_size(cfg, dit, codec):
+    """The decoder's images in pixels: cfg size, or its native size (as pipeline.draw)."""
+    return cfg['size'] or dit.config.sample_size * (codec.factor if codec is not None else 1)
 
 
-def image_size(cfg, dit, vae):
-    """The decoder's images in pixels: cfg size, or its native size (as sample.generate)."""
-    return cfg['size'] or dit.config.sample_size * (vae.factor if vae is not None else 1)
-
-
-def latent_shape(cfg, dit, vae):
+def latent_shape(cfg, dit, codec):
     """(C, h, w) that the DiT denoises for an image of image_size pixels."""
-    S = image_size(cfg, dit, vae) // (vae.factor if vae is not None else 1)
+    S = image_size(cfg, dit, codec) // (codec.factor if codec is not None else 1)
     return dit.config.in_channels, S, S
 
 
@@ -215,191 +367,84 @@ def load_data(cfg, size):
 
 
 # -----------------------------------------------------------------------------
-# evaluation: I2T2I on held-out images, scored exactly by the toy world or by the reward's embedders
+# distributed helpers and the curves figure
 
-@torch.no_grad()
-def eval_captions(cfg, enc, images, gen):
-    """Captions of held-out images at eval_temperature, eval_batch images at a time (0 = all), and their
-    lengths in tokens (B,)."""
-    bs, texts, lengths = cfg['eval_batch'] or len(images), [], []
-    for i in range(0, len(images), bs):
-        t, out = caption(enc, pil(images[i:i + bs]), cfg['eval_temperature'], cfg['max_new_tokens'], generator=gen)
-        texts += t
-        lengths.append(out.mask.sum(1).float().cpu())
-    return texts, torch.cat(lengths)
+def all_gather_cat(x, world_size):
+    """Concatenate a tensor from every rank (rank order), so group statistics see whole groups."""
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
-@torch.no_grad()
-def evaluate(cfg, enc, dit, vae, pooled, images, scenes=None, fixed_captions=None, reward_fn=None):
-    """Caption (fixed seed) unless captions are given, then reconstruct (eval_steps, fixed noise).
-    Toy world (scenes given): object F1 of the reconstructions, caption recall (objects, and each attribute
-    alone), pixel similarity, and the decoder's object F1 from the complete ground-truth captions.
-    Real images: each reward metric's mean similarity, and as `reward` their weighted mean (of the raw
-    similarities: the z-scores that mix them in training average to 0 over any batch)."""
-    gen = torch.Generator(pooled.device).manual_seed(cfg['seed'])
-    if fixed_captions is None:
-        texts, lengths = eval_captions(cfg, enc, images, gen)
-    else:
-        texts, lengths = fixed_captions, torch.tensor([len(enc.tokenizer.encode(t)) + 1. for t in fixed_captions])
-    bs = cfg['eval_batch'] or len(images)
-    draw = lambda prompts: np.concatenate([generate(enc, dit, vae, pooled, prompts[i:i + bs], cfg['negative_prompt'],
-                                                    cfg['size'] or None, cfg['eval_steps'], cfg['cfg'], cfg['shift'], gen)
-                                           for i in range(0, len(prompts), bs)])
-    recon = draw(texts)
-    if scenes is None:
-        means = {k: v.float().mean().item() for k, v in reward_fn.metrics(recon, np.asarray(images)).items()}
-        w = reward_fn.weights
-        return dict(reward=sum(w[k] * v for k, v in means.items()) / sum(w.values()),
-                    **{f'reward_{k}': v for k, v in means.items() if len(means) > 1},
-                    caption_tokens=float(lengths.mean()), example=texts[0]), texts
-    scores = [world.score(world.parse_image(r), s) for r, s in zip(recon, scenes)]
-    # what the captions get right: objects (all four attributes) and each attribute alone, so that an
-    # attribute the captioner never learned shows (the previous toy encoder's sizes: README, G4U)
-    said = [world.score(world.parse_caption(t), s) for t, s in zip(texts, scenes)]
-    pixel = 1 - np.abs(recon.astype(np.float32) - np.asarray(images, np.float32)).mean(axis=(1, 2, 3)) / 255
-    # how well the decoder reads a caption, whatever the encoder says: reconstructions from the complete
-    # ground-truth captions. The LLM that captions also conditions the decoder (SPEC §2), so G4U's adapter
-    # moves this too, and U4G is what can bring it back
-    redrawn = draw([world.caption(s) for s in scenes])
-    decoder_f1 = [world.score(world.parse_image(r), s)['object_f1'] for r, s in zip(redrawn, scenes)]
-    return dict(object_f1=float(np.mean([s['object_f1'] for s in scores])),
-                decoder_f1=float(np.mean(decoder_f1)),
-                attribute_f1=float(np.mean([grpo.SCENE_METRICS['scene_attributes'](s) for s in scores])),
-                caption_recall=float(np.mean([c['object_recall'] for c in said])),
-                **{f'caption_{a}_recall': float(np.mean([c[f'{a}_recall'] for c in said])) for a in world.ATTRS},
-                caption_tokens=float(lengths.mean()), pixel=float(np.mean(pixel)), example=texts[0]), texts
+def all_reduce_grads(params, world_size):
+    """Sum the LoRA gradients of all ranks (each rank's loss is already normalised by the global count)."""
+    if world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):  # torch.cat promoted mixed dtypes
+        p.grad = g.view_as(p).to(p.dtype)
 
 
-# -----------------------------------------------------------------------------
-# one optimisation step per stage; each returns a dict of statistics for the log
-
-def g4u_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_size, params):
-    """Generation for understanding: G captions per image, each decoded by the frozen decoder, rewarded
-    by reconstruction similarity; token-level GRPO on the encoder's LoRA."""
-    G = cfg['group_size']
-    enc.eval()
-    batch, out = grpo.sample_captions(enc, pil(images), G, cfg['temperature'], cfg['max_new_tokens'], gen)
-    texts = [enc.tokenizer.decode(t[m].tolist(), skip_special_tokens=True) for t, m in zip(out.tokens, out.mask)]
-    # one starting noise per image, shared by its G captions: reward differences come from the captions
-    noise = torch.randn(len(images), *latent_shape(cfg, dit, vae), generator=gen, device=gen.device).to(pooled.device)
-    recon = generate(enc, dit, vae, pooled, texts, cfg['negative_prompt'], cfg['size'] or None, cfg['sample_steps'],
-                     cfg['cfg'], cfg['shift'], noise=noise.repeat_interleave(G, 0))
-    all_rewards, reward_log = rollout_rewards(reward_fn, recon, np.repeat(np.asarray(images), G, axis=0), world_size,
-                                              pooled.device)
-    adv, zero_std = grpo.group_advantages(all_rewards, G, cfg['adv_scale'])
-    adv = adv.view(world_size, -1)[rank]
-    mask = out.mask
-    n_tokens = mask.sum().float()
-    if world_size > 1:
-        dist.all_reduce(n_tokens)
-    stats, n = dict(kl=0.0, clip_frac=0.0, ratio=0.0, entropy=0.0), len(texts)
-    for i in range(0, n, cfg['micro_batch']):  # gradient accumulation over micro-batches
-        sl = slice(i, i + cfg['micro_batch'])
-        mb = {k: v[sl] for k, v in batch.items() if k != 'pixel_values'}
-        rows = torch.arange(n)[sl]
-        patches = batch['image_grid_thw'].prod(-1)  # pixel_values rows belonging to each image
-        start = torch.cat([patches.new_zeros(1), patches.cumsum(0)])  # on the model's device, as patches
-        mb['pixel_values'] = batch['pixel_values'][start[rows[0]]:start[rows[-1] + 1]]
-        suppress = enc.vision_tokens()
-        logp, ent = enc.token_logprobs(mb, out.tokens[sl], mask[sl], cfg['temperature'], True, suppress)
-        ref = None
-        if cfg['beta'] > 0:
-            with torch.no_grad(), lora_disabled(enc):
-                ref = enc.token_logprobs(mb, out.tokens[sl], mask[sl], cfg['temperature'], suppress_tokens=suppress)
-        loss, s = grpo.token_grpo_loss(logp, out.logprobs[sl], adv[sl], mask[sl], ref, cfg['eps_low'],
-                                       cfg['eps_high'], cfg['beta'], n_tokens=n_tokens)
-        loss.backward()
-        w = mask[sl].sum().item() / max(mask.sum().item(), 1)
-        for k in ('kl', 'clip_frac', 'ratio'):
-            stats[k] += s[k] * w
-        stats['entropy'] += (ent.sum() / mask.sum().clamp(min=1)).item()
-    return dict(reward_log, zero_std=zero_std, caption_tokens=out.mask.sum(1).float().mean().item(), **stats)
+def check_ranks_in_sync(named):
+    """Raise if the trainable weights differ between ranks, else return their number. Without
+    DistributedDataParallel nothing else would notice replicas drifting apart (a missed all-reduce, a
+    rank-dependent draw). Element-wise max and min over the ranks agree exactly where all ranks do:
+    two all-reduces of one flat copy, instead of gathering every rank's copy on one GPU."""
+    flat = torch.cat([p.detach().reshape(-1).float() for p in named.values()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, dist.ReduceOp.MAX)
+    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        sizes = [p.numel() for p in named.values()]
+        bad = [n for n, h, l in zip(named, hi.split(sizes), lo.split(sizes)) if not torch.equal(h, l)]
+        raise RuntimeError(f'ranks diverged: {len(bad)} of {len(named)} trainable tensors differ '
+                           f'(max |difference| {(hi - lo).max().item():.3g}), e.g. {bad[:3]}')
+    return flat.numel()
 
 
-def u4g_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_size, params, step):
-    """Understanding for generation: one caption per image from the frozen encoder, G images per
-    caption from the SDE sampler; Flow-GRPO on the decoder's LoRA over the SDE steps."""
-    G, T = cfg['group_size'], cfg['sample_steps']
-    with torch.no_grad():
-        texts, _ = caption(enc, pil(images), cfg['caption_temperature'], cfg['max_new_tokens'], generator=gen)
-        ctx = enc.embed_prompt(texts + [cfg['negative_prompt']])
-    n = len(texts)
-    ctx_c, neg = ctx[:n].repeat_interleave(G, 0), ctx[n:]
-    pooled_c = pooled.expand(n * G, -1)
-    # the SDE window: which denoising steps are stochastic (and trained); the same on every rank
-    window = min(cfg['sde_window'] or T - 1, T - 1)  # never the last step: it would leave noise in the image
-    if cfg['sde_start'] >= 0:
-        start = min(cfg['sde_start'], T - 1 - window)
-    else:
-        start = int(np.random.default_rng([cfg['seed'], step, 7]).integers(0, T - window)) if window < T - 1 else 0
-    sde_steps = set(range(start, start + window))
-    noise = torch.randn(n * G, *latent_shape(cfg, dit, vae), generator=gen, device=gen.device).to(pooled.device)
-    x0, transitions = grpo.sde_rollout(dit, ctx_c, pooled_c, neg, pooled, noise, T, cfg['cfg'], cfg['shift'],
-                                       cfg['noise_level'], sde_steps, gen)
-    recon = ((D.decode(vae, x0).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    all_rewards, reward_log = rollout_rewards(reward_fn, recon, np.repeat(np.asarray(images), G, axis=0), world_size,
-                                              pooled.device)
-    adv, zero_std = grpo.group_advantages(all_rewards, G, cfg['adv_scale'])
-    adv = adv.view(world_size, -1)[rank]
-    stats = dict(kl=0.0, clip_frac=0.0, ratio=0.0)
-    n_total = n * G * world_size
-    for t in transitions:
-        for i in range(0, n * G, cfg['micro_batch']):
-            sl = slice(i, i + cfg['micro_batch'])
-            tt = dict(j=t['j'], x=t['x'][sl], x_next=t['x_next'][sl])
-            args = (ctx_c[sl], pooled_c[sl], neg, pooled, T, cfg['cfg'], cfg['shift'], cfg['noise_level'])
-            logp, mean, std = grpo.transition_logprob(dit, tt, *args)
-            ref_mean = None
-            if cfg['beta'] > 0:
-                with torch.no_grad(), lora_disabled(dit):
-                    _, ref_mean, _ = grpo.transition_logprob(dit, tt, *args)
-            loss, s = grpo.flow_grpo_loss(logp, t['log_prob'][sl], adv[sl], cfg['flow_eps'], cfg['adv_clip'],
-                                          mean, ref_mean, std, cfg['beta'])
-            # each call averages over its micro-batch: weight it to a mean over all samples and SDE steps
-            (loss * logp.shape[0] / n_total / len(transitions)).backward()  # summed over ranks later
-            for k in stats:
-                stats[k] += s[k] * logp.shape[0] / (n * G) / len(transitions)
-    return dict(reward_log, zero_std=zero_std, sde_steps=f'{start}-{start + window - 1}', **stats)
-
-
-def coldstart_step(cfg, enc, dit, vae, pooled, images, captions, gen, world_size):
-    """End-to-end semantic reconstruction (SPEC §1-2): the encoder reads the image and its caption, the
-    caption tokens' projected hidden states condition the decoder, a few differentiable Euler steps
-    turn noise into an image, loss = 1 - pixel similarity to the original (differentiable).
-    captions None (real images come without): the encoder's own, sampled at caption_temperature."""
-    if captions is None:
-        captions, _ = caption(enc, pil(images), cfg['caption_temperature'], cfg['max_new_tokens'], generator=gen)
-    batch = enc.caption_inputs(pil(images))
-    tokens, mask = enc.caption_tokens(captions)
-    ids = torch.cat([batch['input_ids'], tokens], 1)
-    # the layer the decoder is conditioned on (Encoder.prompt_hidden): the last unless prompt_layer is set
-    h, _ = enc.hidden_states(ids, torch.cat([batch['attention_mask'], mask], 1), batch['pixel_values'],
-                             batch['image_grid_thw'], num_layers=enc.config.prompt_layer)
-    ctx = enc.project(h[:, -tokens.shape[1]:])  # (B, T, joint_dim): the caption tokens' states
-    x = torch.randn(len(images), *latent_shape(cfg, dit, vae), generator=gen, device=gen.device).to(pooled.device)
-    sigmas = D.sampling_sigmas(cfg['coldstart_steps'], cfg['shift']).tolist()
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        t = torch.full((len(images),), 1000 * sigma, device=x.device)
-        x = x + (sigma_next - sigma) * dit(x, t, ctx, pooled.expand(len(images), -1)).float()
-    x = D.decode(vae, x) if vae is not None else x
-    target = to_pixels(images, x.device)
-    # the pixel metric (1 - mean |a - b| on [0, 1] images), unclamped so that every pixel has a gradient
-    similarity = 1 - ((x - target).abs() / 2).mean(dim=(1, 2, 3))
-    loss = (1 - similarity).mean()
-    (loss / world_size).backward()  # gradients are summed over ranks
-    return dict(loss=loss.item(), reward=similarity.mean().item(), caption_tokens=mask.sum(1).float().mean().item())
+def plot_curves(rows, path, keys=('reward', 'caption_tokens')):
+    """The aha-moment figure, drawn with PIL: each logged key against the step, one panel each, with the
+    step axis ticked. Keys that no row has (U4G logs no caption length) get no panel."""
+    keys = [k for k in keys if any(k in r for r in rows)]
+    W, H, left, bottom = 640, 220, 48, 36
+    img = Image.new('RGB', (W, H * max(len(keys), 1)), 'white')
+    pen = ImageDraw.Draw(img)
+    for i, key in enumerate(keys):
+        pts = [(r['step'], r[key]) for r in rows if key in r]
+        top, right = i * H + 20, W - 12
+        base = top + H - 20 - bottom  # the panel's bottom edge
+        pen.rectangle([left, top, right, base], outline='gray')
+        pen.text((left, top - 16), key, fill='black')
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+        x1, y1 = max(x1, x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+        sx = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
+        sy = lambda y: base - (y - y0) / (y1 - y0) * (base - top)
+        for k in range(5):  # step ticks at 0, 1/4, ... of the range
+            x = x0 + (x1 - x0) * k / 4
+            pen.line([(sx(x), base), (sx(x), base + 4)], fill='gray')
+            pen.text((sx(x) - 8, base + 6), f'{x:.0f}', fill='black')
+        pen.text((right - 30, base + 20), 'step', fill='black')
+        pen.text((2, sy(y1) - 5), f'{y1:.3g}', fill='black')
+        pen.text((2, sy(y0) - 5), f'{y0:.3g}', fill='black')
+        if len(pts) > 1:
+            pen.line([(sx(x), sy(y)) for x, y in pts], fill='navy', width=2)
+        else:
+            pen.ellipse([sx(xs[0]) - 2, sy(ys[0]) - 2, sx(xs[0]) + 2, sy(ys[0]) + 2], fill='navy')
+    img.save(path)
 
 
 # -----------------------------------------------------------------------------
 
-def trainable(model, cfg, targets=None):
+def trainable(model, cfg, targets):
     """The LoRA parameters to train on `model`: an adapter loaded with the model is trained further,
     otherwise a fresh one is added (r, alpha, init from cfg)."""
     if not lora_layers(model):
-        if targets is None:
-            model.add_lora(cfg['lora_r'], cfg['lora_alpha'], cfg['lora_init'])
-        else:
-            apply_lora(model, targets, cfg['lora_r'], cfg['lora_alpha'], cfg['lora_init'])
+        apply_lora(model, targets, cfg['lora_r'], cfg['lora_alpha'], cfg['lora_init'])
     params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
@@ -414,25 +459,40 @@ def named_trainables(enc, dit):
 def main():
     keep_freed_memory()
     cfg = configure(config)
-    require_positive(cfg, 'log_every', 'eval_every', 'save_every', 'images_per_step', 'group_size', 'micro_batch')
+    # every value is checked before anything loads
+    require_positive(cfg, 'log_every', 'eval_every', 'save_every', 'images_per_step', 'group_size', 'micro_batch',
+                     'max_nonfinite', 'eval_images')
+    require_positive(cfg, 'steps', minimum=0)  # 0: evaluate only
     stage = cfg['stage']
     if stage not in ('coldstart', 'g4u', 'u4g'):
         raise ValueError(f"--stage must be coldstart, g4u or u4g, got {stage!r}")
+    if stage != 'coldstart' and cfg['group_size'] < 2:
+        raise ValueError(f"--group_size={cfg['group_size']}: GRPO compares at least 2 rollouts per prompt")
     if cfg['llm_lora'] is None:  # resolved here, so the saved config says which adapter was used
-        toy = stage == 'u4g' and cfg['llm'] == sample_config['llm']
-        cfg['llm_lora'] = os.path.join(os.path.dirname(sample_config['llm']), 'llm_lora') if toy else ''
+        toy = stage == 'u4g' and cfg['llm'] == f'{TOY}/llm'
+        cfg['llm_lora'] = f'{TOY}/llm_lora' if toy else ''
     out_dir = cfg['out_dir'] or f'out/rl_{stage}'
     rank, world_size, device = setup_distributed(cfg['device'])
     master = rank == 0
     if cfg['images_per_step'] % world_size:
         raise ValueError(f"images_per_step {cfg['images_per_step']} must be a multiple of the {world_size} ranks")
+    if master:  # a new run into an earlier run's folder, a resume without checkpoint, an unusable folder
+        check_run_dir(out_dir, cfg['resume'])
+    step, ckpt, rows, skipped = 0, os.path.join(out_dir, 'ckpt'), [], 0
+    if cfg['resume']:  # read first: a missing or damaged file is found before anything else loads
+        weights, meta, path = load_checkpoint(ckpt, ['trainable', 'optimizer'])
+        if not isinstance(meta.get('rows'), list):
+            raise ValueError(f"{os.path.join(path, 'meta.json')} has no rows (the run's log): not a train_rl.py checkpoint")
+        step, rows, skipped = meta['step'], meta['rows'], meta.get('skipped_steps', 0)
+        if step >= cfg['steps']:
+            raise ValueError(f"{path} is at step {step} already: raise --steps (now {cfg['steps']}) to train on")
     torch.manual_seed(cfg['seed'])  # identical fresh LoRA weights on every rank
-    enc, dit, vae, pooled = load_uae(cfg, device)
+    enc, dit, codec, pooled = load_uae(cfg, device)
     enc.requires_grad_(False)
     dit.requires_grad_(False)
     dit.gradient_checkpointing = cfg['grad_checkpointing']
     if stage in ('g4u', 'coldstart'):
-        trainable(enc, cfg)
+        trainable(enc, cfg, cfg['llm_lora_targets'])
     if stage in ('u4g', 'coldstart'):
         trainable(dit, cfg, cfg['dit_lora_targets'])
     if stage == 'coldstart':
@@ -441,16 +501,16 @@ def main():
     named = named_trainables(enc, dit)
     names, params = list(named), list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
-    n_train, train_batch, val_images, val_scenes = load_data(cfg, image_size(cfg, dit, vae))
+    n_train, train_batch, val_images, val_scenes = load_data(cfg, image_size(cfg, dit, codec))
     if n_train < cfg['images_per_step']:
         raise ValueError(f"{cfg['data_dir']}: {n_train} training images, fewer than images_per_step={cfg['images_per_step']}")
     toy = val_scenes is not None
     # the reward scores rollouts, and real held-out reconstructions (the toy's are scored exactly)
-    reward_fn = grpo.Reward(cfg['reward'], cfg['reward_paths'], device) if stage != 'coldstart' or not toy else None
+    embedders = load_reward(cfg, device) if stage != 'coldstart' or not toy else None
 
-    step, ckpt, rows = 0, os.path.join(out_dir, 'ckpt'), []
-    if cfg['resume']:
-        weights, meta = load_checkpoint(ckpt)
+    if cfg['resume']:  # every tensor against what this run trains, before anything is copied
+        check_checkpoint(dict(trainable=named, optimizer=check_optimizer_files(
+            weights['optimizer'], meta['optimizer'], [named], path)), weights, path)
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(weights['trainable'][n])
@@ -458,11 +518,10 @@ def main():
         osd['state'] = {names.index(n): s for n, s in osd['state'].items()}
         osd['param_groups'] = [dict(g, params=[names.index(n) for n in g['params']]) for g in osd['param_groups']]
         opt.load_state_dict(osd)
-        step, rows = meta['step'], meta['rows']
         if master:
-            print(f'resuming {ckpt} at step {step}')
+            print(f'resuming {path} at step {step}')
+            truncate_log(os.path.join(out_dir, 'log.jsonl'), step)  # the rows after it are written again
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         print(f"{stage}: training {sum(p.numel() for p in params) / 1e6:.3f}M parameters "
               f"({len(params)} tensors), {world_size} rank(s), {cfg['images_per_step']} images x "
               f"{cfg['group_size'] if stage != 'coldstart' else 1} per step")
@@ -475,7 +534,7 @@ def main():
 
     def run_eval(step):
         with autocast(device, cfg['dtype']):
-            result, _ = evaluate(cfg, enc, dit, vae, pooled, val_images, val_scenes, fixed, reward_fn)
+            result, _ = evaluate(cfg, enc, dit, codec, pooled, val_images, val_scenes, fixed, embedders)
         rows.append(dict(step=step, **{f'val_{k}': v for k, v in result.items()}))
         attrs = ', '.join(f"{a} {result['caption_' + a + '_recall']:.2f}" for a in world.ATTRS) if toy else ''
         score = (f"object F1 {result['object_f1']:.3f} | attribute F1 {result['attribute_f1']:.3f} | caption recall "
@@ -492,7 +551,7 @@ def main():
                    param_groups=[dict(g, params=[names[i] for i in g['params']]) for g in osd['param_groups']])
         tensors, rest = optimizer_to_files(osd)
         save_checkpoint(ckpt, dict(trainable={n: p.detach() for n, p in named.items()}, optimizer=tensors),
-                        dict(config=cfg, step=step, optimizer=rest, rows=rows,
+                        dict(config=cfg, step=step, optimizer=rest, rows=rows, skipped_steps=skipped,
                              rng='every draw is seeded by (seed, step, rank)'))
         if stage in ('g4u', 'coldstart'):
             save_peft(enc, os.path.join(out_dir, 'llm_lora'), cfg['llm'])
@@ -507,7 +566,7 @@ def main():
     if master and step == 0:
         run_eval(0)
     per_rank = cfg['images_per_step'] // world_size
-    t_start, step_start = time.time(), step
+    t_start, step_start, streak = time.time(), step, 0
     while step < cfg['steps']:
         t0 = time.time()
         rng = np.random.default_rng([cfg['seed'], step])
@@ -516,17 +575,24 @@ def main():
         gen = torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + step * 1000 + rank)
         with autocast(device, cfg['dtype']):
             if stage == 'g4u':
-                stats = g4u_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_size, params)
+                stats = g4u_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_size)
             elif stage == 'u4g':
-                stats = u4g_step(cfg, enc, dit, vae, pooled, reward_fn, images, gen, rank, world_size, params, step)
+                stats = u4g_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_size, step)
             else:
-                stats = coldstart_step(cfg, enc, dit, vae, pooled, images, captions, gen, world_size)
+                stats = coldstart_step(cfg, enc, dit, codec, pooled, images, captions, gen, world_size)
         all_reduce_grads(params, world_size)
         stats['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(params, cfg['grad_clip']))
-        opt.step()
+        # the gradients are all-reduced: a NaN/inf loss or gradient skips the update on every rank alike
+        streak = skip_nonfinite(stats['grad_norm'] + stats.get('loss', 0.0), streak, cfg['max_nonfinite'],
+                                'loss or gradient')
+        skipped += bool(streak)
+        if not streak:
+            opt.step()
+        elif master:
+            print(f'step {step + 1}: non-finite loss or gradient, update skipped ({skipped} so far)', flush=True)
         opt.zero_grad(set_to_none=True)
         step += 1
-        stats = dict(step=step, step_time=time.time() - t0, **stats)
+        stats = dict(step=step, step_time=time.time() - t0, **stats, skipped_steps=skipped)
         if master:
             rows.append(stats)
             with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
@@ -550,4 +616,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run(main)

@@ -6,9 +6,11 @@ Supervised stages on the toy world (or your own data in the same layout).
     torchrun --nproc_per_node=2 train_sft.py --model=decoder      # DDP (gloo on CPU, nccl on GPU)
     python train_sft.py --model=decoder --resume=True             # continue exactly where it stopped
 
-The decoder is conditioned as in UAE (SPEC §2): the frozen encoder's LLM reads the caption in the
-`generate` chat template, its last-layer hidden states go through the (trained) projector into the
-DiT. Trained: projector + DiT (the paper's stage 0). Every `save_every` steps a checkpoint directory
+The decoder is conditioned as in UAE (docs/uae.md): the frozen encoder's LLM reads the caption in the
+`generate` chat template, and its hidden states of every token go through UAE's projector into the DiT.
+Trained: the DiT, and the projector at projector_lr x lr (the paper's stage 0). UAE conditions on the
+LLM's last layer with a trained projector; the toy decoder is trained from LLM layer 1
+(--prompt_layer=1) with the projector frozen (--projector_lr=0): docs/toy_world.md says why. Every `save_every` steps a checkpoint directory
 is written atomically: weights (safetensors), optimizer state, meta.json (resolved config, step, data
 position). Random draws are a function of (seed, step), so a resumed run repeats an uninterrupted one.
 """
@@ -24,10 +26,12 @@ import torch.distributed as dist
 from PIL import Image
 
 import model_decoder as D
-from common import (autocast, configure, keep_freed_memory, load_checkpoint, load_safetensors,
-                    load_state_dict_strict, optimizer_from_files, optimizer_to_files, require_positive,
-                    save_checkpoint, save_safetensors, setup_distributed, teardown_distributed)
+from common import (autocast, check_checkpoint, check_optimizer_files, check_run_dir, check_state_dict, configure,
+                    keep_freed_memory, load_checkpoint, load_safetensors, optimizer_from_files, optimizer_to_files,
+                    require_fraction, require_positive, run, save_checkpoint, save_safetensors, setup_distributed,
+                    skip_nonfinite, teardown_distributed, truncate_log)
 from data.shapes import world
+from images import to_pil, to_pixels, to_uint8
 from model_encoder import Encoder
 
 config = dict(
@@ -37,16 +41,17 @@ config = dict(
     arch='',                    # architecture json to train from scratch; default config/toy_<model>.json
     init_from='',               # or start from a checkpoint directory (encoder: Encoder dir; decoder: a run dir)
     encoder='checkpoints/toy/llm',  # decoder SFT: the encoder whose frozen LLM conditions the DiT
-    resume=False,               # continue from out_dir/ckpt
+    resume=False,               # continue from out_dir/ckpt (a new run refuses an out_dir that holds one)
     # probability of each caption detail level (data/shapes/world.CAPTION_LEVELS); None = the model's default:
     # the encoder becomes a terse captioner that sometimes says more, the decoder learns long captions
     levels=None,
-    caption_dropout=0.1,
-    prompt_layer=None,          # decoder: condition on this LLM layer instead of the last (model_encoder.EncoderConfig)        # decoder: empty caption this often, for classifier-free guidance
+    caption_dropout=0.1,        # decoder: empty caption this often, for classifier-free guidance
+    prompt_layer=None,          # decoder: condition on this LLM layer instead of the last (model_encoder.EncoderConfig)
     max_steps=2500,
     batch_size=32,              # global batch, split across ranks and accumulation steps
     grad_accum=1,
     lr=1e-3, min_lr=1e-4, warmup=100, weight_decay=0.0, beta1=0.9, beta2=0.99, grad_clip=1.0,
+    max_nonfinite=10,           # a step with a NaN/inf loss or gradient is skipped; this many in a row stop the run
     ema=0.999,                  # decoder: EMA of the weights, used for sampling and saving; 0 = off
     dtype='float32',            # 'bfloat16' runs the model under bf16 autocast
     fsdp=False,                 # shard parameters, gradients and optimizer state with FSDP2 (big decoders)
@@ -64,7 +69,7 @@ config = dict(
     projector_lr=0.0,
     # encoder: weight of language modelling on the captions inside the `generate` template (text only).
     # A small LLM trained only to caption gives nearly the same last-layer states for every text prompt
-    # (measured cosine 0.99+), and those states are what condition the decoder (SPEC §2)
+    # (measured cosine 0.99+), and those states are what condition the decoder
     lm_weight=0.5,
     log_every=10, eval_every=250, save_every=250,
     # decoder: SD3's timestep shift of the training noise levels (sampling keeps shift 3). The toy's latents
@@ -73,7 +78,7 @@ config = dict(
     # conditioning, held-out cell F1 from ground-truth captions): shift 3: 0.23 after 750 steps; shift 12:
     # 0.80 after 1,000 and 0.98 after 1,500. At shift 1 it ignored its captions for 1,250 steps.
     train_shift=12.0,
-    eval_images=64, sample_steps=20, sample_cfg=2.0, sample_shift=3.0,
+    eval_images=64, sample_steps=20, sample_guidance=2.0, sample_shift=3.0,
     seed=1337, device='auto',
 )
 DEFAULT_LEVELS = dict(encoder={'one': 0.35, 'short': 0.35, 'some': 0.15, 'complete': 0.15},
@@ -96,15 +101,6 @@ def pick_captions(records, idx, levels, rng):
     p = np.array([levels[k] for k in names], dtype=np.float64)
     choice = rng.choice(len(names), size=len(idx), p=p / p.sum())
     return [records[i]['captions'][names[c]] for i, c in zip(idx, choice)]
-
-
-def to_pixels(images):
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # a copy: memmaps are read-only
-
-
-def to_uint8(x):
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(rows, path):
@@ -140,7 +136,8 @@ def build_encoder(cfg, device):
     if cfg['init_from']:
         enc = Encoder.from_pretrained(cfg['init_from'], device=device)
     else:
-        from model_encoder import EncoderConfig, Tokenizer
+        from model_encoder import EncoderConfig
+        from tokenizer import Tokenizer
         path = cfg['arch'] or 'config/toy_encoder.json'
         enc = Encoder(EncoderConfig.from_hf(read_arch(path), path), Tokenizer.from_pretrained('data/shapes')).to(device)
     enc.min_pixels = enc.max_pixels = world.IMAGE * world.IMAGE  # toy images are used at their size
@@ -157,7 +154,10 @@ def build_decoder(cfg, device, train_images):
     if cfg['init_from']:
         dit = D.MMDiT.from_pretrained(os.path.join(cfg['init_from'], 'dit'), device=device)
         enc.projector.load_state_dict(Encoder.from_pretrained(os.path.join(cfg['init_from'], 'llm')).projector.state_dict())
-        pooled = load_safetensors(os.path.join(cfg['init_from'], 'pooled.safetensors'))['pooled']
+        path = os.path.join(cfg['init_from'], 'pooled.safetensors')
+        state = load_safetensors(path)
+        check_state_dict({'pooled': torch.empty(dit.config.pooled_projection_dim)}, state, path)
+        pooled = state['pooled']
         codec = D.LinearCodec.load(os.path.join(cfg['init_from'], 'codec.safetensors'), device)
     else:
         path = cfg['arch'] or 'config/toy_decoder.json'
@@ -179,9 +179,9 @@ def build_decoder(cfg, device, train_images):
 def decoder_loss(model, enc, pooled, codec, images, captions, sigma, noise, pad_to=''):
     """Flow-matching loss (mean over the micro-batch) on the codec's latents given captions; sigma (B,)
     and noise (B, C, h, w) are drawn for the whole global batch, so the split across ranks changes nothing.
-    pad_to: the global batch's longest caption. UAE's context has no mask (SPEC §2): the padding is part
+    pad_to: the global batch's longest caption. UAE's context has no mask: the padding is part
     of the input, so every micro-batch is padded to the length the whole batch would have."""
-    x0 = D.encode(codec, to_pixels(images).to(pooled.device))
+    x0 = D.encode(codec, to_pixels(images, pooled.device))
     with torch.no_grad():
         hidden = enc.prompt_hidden(list(captions) + [pad_to])[:-1]
     return D.flow_matching_loss(model, x0, hidden, pooled.expand(len(captions), -1), sigma=sigma, noise=noise)
@@ -189,7 +189,7 @@ def decoder_loss(model, enc, pooled, codec, images, captions, sigma, noise, pad_
 
 def encoder_nll(model, enc, images, captions):
     """Summed negative log-likelihood of the caption tokens (+ <|im_end|>) after the captioning prompt."""
-    batch = enc.caption_inputs([Image.fromarray(np.asarray(im)) for im in images])
+    batch = enc.caption_inputs(to_pil(images))
     tokens, mask = enc.caption_tokens(captions)
     return -(model(batch, tokens, mask) * mask).sum()
 
@@ -230,19 +230,19 @@ def evaluate(cfg, kind, train_model, enc, pooled, codec, val_images, val_records
     if kind == 'decoder':
         dit = train_model.dit
         captions = [r['captions']['complete'] for r in records]
-        ctx = enc.embed_prompt(captions + [''])  # right-padded together, the empty prompt last (SPEC §2)
+        ctx = enc.embed_prompt(captions + [''])  # right-padded together, the empty prompt last (as UAE)
         x = D.sample(dit, ctx[:n], pooled.expand(n, -1), ctx[n:], pooled, steps=cfg['sample_steps'],
-                     cfg=cfg['sample_cfg'], shift=cfg['sample_shift'], generator=gen)
+                     guidance=cfg['sample_guidance'], shift=cfg['sample_shift'], generator=gen)
         recon = to_uint8(D.decode(codec, x))
         scores = [world.score(world.parse_image(r), t) for r, t in zip(recon, truth)]
         save_grid([np.asarray(images[:16]), recon[:16]], os.path.join(out_dir, f'samples_{step:06d}.png'))
         return {k: float(np.mean([s[k] for s in scores])) for k in ('object_f1', 'shape_f1', 'color_f1', 'size_f1', 'cell_f1')}
-    batch = enc.caption_inputs([Image.fromarray(np.asarray(im)) for im in images])
+    batch = enc.caption_inputs(to_pil(images))
     if hasattr(enc, 'unshard'):  # FSDP2: generate() bypasses enc.forward, whose hook would gather the weights
         enc.unshard()
     # sampled as at inference (temperature 0.7, fixed seed): greedy decoding of a captioner trained on a
     # mixture of detail levels only ever shows the most common level
-    out = enc.generate(**batch, max_new_tokens=64, temperature=0.7, generator=gen, suppress_tokens=enc.vision_tokens())
+    out = enc.generate(**batch, max_new_tokens=64, temperature=0.7, generator=gen, suppress_tokens=enc.caption_suppress_tokens())
     if hasattr(enc, 'reshard'):
         enc.reshard()
     texts = [enc.tokenizer.decode(t[m].tolist(), skip_special_tokens=True) for t, m in zip(out.tokens, out.mask)]
@@ -334,19 +334,37 @@ def export(cfg, kind, state, raw, enc, pooled, codec, out_dir):
 def main():
     keep_freed_memory()
     cfg = configure(config)
-    require_positive(cfg, 'log_every', 'eval_every', 'save_every', 'batch_size', 'grad_accum')
+    # every value is checked before anything loads
+    require_positive(cfg, 'max_steps', 'log_every', 'eval_every', 'save_every', 'batch_size', 'grad_accum',
+                     'eval_images', 'max_nonfinite')
+    require_positive(cfg, 'warmup', 'freeze_vision_steps', minimum=0)
+    require_fraction(cfg, 'caption_dropout', 'ema')
     kind = cfg['model']
     if kind not in ('encoder', 'decoder'):
         raise ValueError(f"--model must be 'encoder' or 'decoder', got {kind!r}")
     levels = cfg['levels'] or DEFAULT_LEVELS[kind]
+    if (not isinstance(levels, dict) or not set(levels) <= set(world.CAPTION_LEVELS)
+            or any(not isinstance(p, (int, float)) or p < 0 for p in levels.values()) or sum(levels.values()) <= 0):
+        raise ValueError(f'--levels={levels!r}: a dict of probabilities (>= 0, not all 0) for some of '
+                         f"{', '.join(world.CAPTION_LEVELS)}")
     out_dir = cfg['out_dir'] or f'out/sft_{kind}'
     rank, world_size, device = setup_distributed(cfg['device'])
     master = rank == 0
+    if master:  # a new run into an earlier run's folder, a resume without checkpoint, an unusable folder
+        check_run_dir(out_dir, cfg['resume'])
     B, accum = cfg['batch_size'], cfg['grad_accum']
     if B % (world_size * accum):
         raise ValueError(f'batch_size {B} must be a multiple of ranks x grad_accum = {world_size * accum}')
     per_rank = B // world_size
     micro = per_rank // accum
+    step, skipped = 0, 0
+    ckpt = os.path.join(out_dir, 'ckpt')
+    if cfg['resume']:  # read first: a missing or damaged file is found before anything else loads
+        files = ['model', 'optimizer'] + ['ema'] * (kind == 'decoder' and cfg['ema'] > 0)
+        weights, meta, path = load_checkpoint(ckpt, files + ['pooled', 'codec'] * (kind == 'decoder'))
+        step, skipped = meta['step'], meta.get('skipped_steps', 0)
+        if step >= cfg['max_steps']:
+            raise ValueError(f"{path} is at step {step} already: raise --max_steps (now {cfg['max_steps']}) to train on")
     torch.manual_seed(cfg['seed'])  # same initial weights on every rank
 
     train_images, train_records = world.load_split(os.path.join(cfg['data_dir'], 'train'))
@@ -377,10 +395,14 @@ def main():
                             weight_decay=cfg['weight_decay'], foreach=True)
     ema = [p.detach().clone() for p in params] if (kind == 'decoder' and cfg['ema'] > 0) else None
 
-    step = 0
-    ckpt = os.path.join(out_dir, 'ckpt')
-    if cfg['resume']:
-        weights, meta = load_checkpoint(ckpt)
+    if cfg['resume']:  # every tensor against what this run holds, before anything is copied
+        named_groups = [{n: p for n, p, v in zip(names, params, is_slow) if v == slow_group}
+                        for slow_group in [False] + [True] * bool(slow)]
+        expected = dict(model=raw.state_dict(), ema=dict(zip(names, params)),
+                        optimizer=check_optimizer_files(weights['optimizer'], meta['optimizer'], named_groups, path))
+        if kind == 'decoder':
+            expected.update(pooled={'pooled': pooled.view(-1)}, codec=codec.state_dict())
+        check_checkpoint({f: expected[f] for f in weights}, weights, path)
         osd = optimizer_from_files(weights['optimizer'], meta['optimizer'])
         load_full_state(model, opt, weights['model'], osd)
         if ema is not None:
@@ -388,14 +410,14 @@ def main():
                 load_into(e, weights['ema'][n])
         if kind == 'decoder':
             pooled = weights['pooled']['pooled'].to(device).view(1, -1)
-            load_state_dict_strict(codec, weights['codec'], os.path.join(ckpt, 'codec'))
-        step = meta['step']
-        changed = {k: (meta['config'].get(k), v) for k, v in cfg.items() if meta['config'].get(k) != v}
+            codec.load_state_dict(weights['codec'])
+        saved = meta.get('config', {})
+        changed = {k: (saved.get(k), v) for k, v in cfg.items() if saved.get(k) != v}
         if master:
-            print(f'resuming {ckpt} at step {step}' + (f'; config changes: {changed}' if changed else ''))
+            print(f'resuming {path} at step {step}' + (f'; config changes: {changed}' if changed else ''))
+            truncate_log(os.path.join(out_dir, 'log.jsonl'), step)  # the rows after it are written again
 
     if master:
-        os.makedirs(out_dir, exist_ok=True)
         n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
         print(f'{kind} SFT: {n_params / 1e6:.2f}M trainable parameters, {len(train_records)} training scenes, '
               f'{world_size} rank(s), global batch {B} = {world_size} x {accum} x {micro}')
@@ -415,7 +437,7 @@ def main():
                 weights['codec'] = {k: v.cpu() for k, v in codec.state_dict().items()}
             save_checkpoint(ckpt, weights, dict(config=cfg, step=step, optimizer=rest,
                                                 data_position=step * B, world_size=world_size,
-                                                rng='every draw is seeded by (seed, step)'))
+                                                skipped_steps=skipped, rng='every draw is seeded by (seed, step)'))
         if ema is not None:
             swap(params, ema)
         state = {}
@@ -428,9 +450,9 @@ def main():
         if ema is not None:
             swap(params, ema)
 
-    t0, t_start, step_start = time.time(), time.time(), step
+    t0, t_start, step_start, streak = time.time(), time.time(), step, 0
     while step < cfg['max_steps']:
-        lr = cfg['lr'] * min(1.0, (step + 1) / cfg['warmup'])
+        lr = cfg['lr'] * min(1.0, (step + 1) / max(1, cfg['warmup']))
         if step >= cfg['warmup']:  # cosine decay to min_lr
             frac = (step - cfg['warmup']) / max(1, cfg['max_steps'] - cfg['warmup'])
             lr = cfg['min_lr'] + 0.5 * (cfg['lr'] - cfg['min_lr']) * (1 + math.cos(math.pi * frac))
@@ -471,12 +493,20 @@ def main():
             dist.all_reduce(total)
             total /= world_size
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg['grad_clip'])
-        opt.step()
+        # the same on every rank (all-reduced): a NaN/inf loss or gradient skips the update everywhere
+        streak = skip_nonfinite(total.item() + float(full_tensor(grad_norm)), streak, cfg['max_nonfinite'],
+                                'loss or gradient')
+        if streak:
+            skipped += 1
+            if master:
+                print(f'step {step + 1}: non-finite loss or gradient, update skipped ({skipped} so far)', flush=True)
+        else:
+            opt.step()
+            if ema is not None:  # warm-up: early on the average would be mostly the random initialisation
+                decay = min(cfg['ema'], (1 + step) / (10 + step))
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         opt.zero_grad(set_to_none=True)
-        if ema is not None:  # warm-up: early on the average would be mostly the random initialisation
-            decay = min(cfg['ema'], (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         step += 1
 
         if master and (step % cfg['log_every'] == 0 or step == cfg['max_steps']):
@@ -485,7 +515,8 @@ def main():
             eta = (cfg['max_steps'] - step) / max(rate, 1e-9)
             print(f'step {step}/{cfg["max_steps"]} | loss {total.item():.4f} | grad {float(full_tensor(grad_norm)):.2f} '
                   f'| lr {lr:.2e} | {rate:.2f} it/s | ETA {eta / 60:.1f} min', flush=True)
-            log.write(json.dumps(dict(step=step, loss=total.item(), lr=lr, time=time.time() - t_start)) + '\n')
+            log.write(json.dumps(dict(step=step, loss=total.item(), lr=lr, time=time.time() - t_start,
+                                      skipped_steps=skipped)) + '\n')
             log.flush()
             t0 = time.time()
         if step % cfg['eval_every'] == 0 or step == cfg['max_steps']:
@@ -507,4 +538,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    run(main)

@@ -326,7 +326,7 @@ def _check(q, k, v, causal, mask, cu_seqlens):
                            "use float32 or float16 there, bfloat16 on a GPU")
     if not q.is_cuda and not INTERPRET:
         raise RuntimeError("the Triton attention kernels need CUDA tensors; on the CPU they run only in "
-                           "Triton's interpreter: set TRITON_INTERPRET=1 before kernels.attention is imported")
+                           "Triton's interpreter: set TRITON_INTERPRET=1 before this file is loaded")
 
 
 def _sequence_bounds(cu_seqlens, n, device):

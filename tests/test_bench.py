@@ -19,7 +19,8 @@ from bench import bench_unibench, match_pairs
 from common import save_safetensors
 from data.shapes import world
 from model_decoder import LinearCodec, MMDiT, MMDiTConfig
-from model_encoder import Encoder, EncoderConfig, Tokenizer
+from model_encoder import Encoder, EncoderConfig
+from tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -250,7 +250,7 @@ def test_sampler_equals_diffusers_scheduler_loop():
     _, _, c, p = inputs(B=2)
     neg_c, neg_p = torch.randn(1, 7, 12), torch.randn(1, 10)
     steps, cfg, shift = 4, 4.0, 3.0
-    got = md.sample(model, c, p, neg_c, neg_p, steps=steps, cfg=cfg, shift=shift,
+    got = md.sample(model, c, p, neg_c, neg_p, steps=steps, guidance=cfg, shift=shift,
                     generator=torch.Generator().manual_seed(5))
 
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -383,7 +383,7 @@ def test_vae_helpers(tmp_path):
                         down_block_types=('DownEncoderBlock2D',), up_block_types=('UpDecoderBlock2D',),
                         norm_num_groups=4, layers_per_block=1, scaling_factor=1.5305, shift_factor=0.0609)
     vae.save_pretrained(tmp_path)
-    loaded = md.load_vae(str(tmp_path))
+    loaded = md.load_codec(str(tmp_path))
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
     z = md.encode(loaded, pixels, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

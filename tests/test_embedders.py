@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from embedders import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, center_crop, cosine, load_embedder,
-                       preprocess, to_rgb)
+from embedders import IMAGENET_MEAN, IMAGENET_STD, center_crop, cosine, load_embedder, preprocess
+from images import CLIP_MEAN, CLIP_STD, to_rgb
 
 TOL = 1e-5
 

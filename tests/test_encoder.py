@@ -2,15 +2,21 @@
 logits, generation, UAE prompt embeddings, LoRA, checkpoint layouts. Run: python -m pytest -q tests/test_encoder.py"""
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from lora import lora_disabled, lora_layers, load_peft, merge_lora, save_peft, unmerge_lora
-from model_encoder import NEGATIVE_PROMPT, Encoder, EncoderConfig, Tokenizer, sample_logits
+from lora import apply_lora, lora_disabled, lora_layers, load_peft, merge_lora, save_peft, unmerge_lora
+from model_encoder import NEGATIVE_PROMPT, Encoder, EncoderConfig, sample_logits, warp_logits
 from test_encoder_text import build_tokenizer
+from tokenizer import Tokenizer
+from train_rl import config as rl_config
+
+LLM_LORA_TARGETS = rl_config['llm_lora_targets']  # UAE's encoder LoRA: every linear layer of the LLM
 
 transformers.logging.set_verbosity_error()
 VS, VE, IMG, EOS = 288, 289, 290, 299
@@ -148,7 +154,7 @@ def test_lora_disabled_merged_and_targets():
     real = batch['attention_mask'].bool()
     with torch.no_grad():
         base = ours(**batch)
-        names = ours.add_lora(r=4, alpha=8)
+        names = apply_lora(ours, LLM_LORA_TARGETS, r=4, alpha=8)
         assert len(names) == 7 * 2 and all(n.startswith('model.language_model.layers.') for n in names)
         for m in lora_layers(ours).values():
             m.lora_B.weight.normal_(0, 0.1)
@@ -167,7 +173,7 @@ def test_peft_adapter_loads_into_transformers(tmp_path):
     ours, hf = make_pair()
     batch = make_batch()
     real = batch['attention_mask'].bool()
-    ours.add_lora(r=4, alpha=8)
+    apply_lora(ours, LLM_LORA_TARGETS, r=4, alpha=8)
     with torch.no_grad():
         for m in lora_layers(ours).values():
             m.lora_B.weight.normal_(0, 0.1)
@@ -264,3 +270,93 @@ def test_strict_loading_names_bad_keys(tmp_path):
             Encoder(tiny_config()).load_weights(state, 'test')
     with pytest.raises(FileNotFoundError, match='config.json'):
         Encoder.from_pretrained(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# captioning: ids a caption may not contain, and the released generation_config.json
+
+def test_captions_never_hold_ids_the_tokenizer_cannot_write(tmp_path):
+    """The model's vocabulary may be larger than the tokenizer's (Qwen2.5-VL: 151665-151935). Even from
+    logits that favour them, captions never hold those ids nor vision tokens; token_logprobs given the same
+    list is the sampler's distribution; and decode drops such ids where they do come (plain generate)."""
+    build_tokenizer(str(tmp_path))
+    tok = Tokenizer.from_pretrained(str(tmp_path))
+    n, slot = tok.vocab_size, {k: tok.added[f'<|{k}|>'] for k in ('vision_start', 'vision_end', 'image_pad')}
+    ours, _ = make_pair(vocab_size=n + 16, image_token_id=slot['image_pad'], eos_token_id=-1,
+                        vision_start_token_id=slot['vision_start'], vision_end_token_id=slot['vision_end'])
+    ours.tokenizer, ours.min_pixels, ours.max_pixels = tok, 256, 256
+    banned = ours.caption_suppress_tokens()
+    assert banned == [slot['image_pad'], slot['vision_start'], slot['vision_end'], *range(n, n + 16)]
+    bias = torch.zeros(n + 16)
+    bias[banned] = 20.0
+    ours.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    rng = np.random.default_rng(0)
+    batch = ours.caption_inputs([Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)) for _ in range(2)])
+    kw = dict(max_new_tokens=12, temperature=1.0)
+    free = ours.generate(**batch, **kw, generator=torch.Generator().manual_seed(0))
+    assert torch.isin(free.tokens, torch.tensor(banned)).float().mean() > 0.5  # the logits do favour them
+    assert tok.decode(free.tokens[0]) == tok.decode([t for t in free.tokens[0].tolist() if t < n])
+    out = ours.generate(**batch, **kw, suppress_tokens=banned, generator=torch.Generator().manual_seed(0))
+    assert not torch.isin(out.tokens, torch.tensor(banned)).any()
+    with torch.no_grad():
+        logp = ours.token_logprobs(batch, out.tokens, out.mask, 1.0, suppress_tokens=banned)
+    assert (logp - out.logprobs).abs().max() < 1e-4
+
+
+QWEN_GENERATION = dict(do_sample=True, temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=1.05,
+                       eos_token_id=[EOS, 298])  # Qwen2.5-VL's released values (its eos ids: 151645, 151643)
+
+
+def rows_alone(batch):
+    """Each row of make_batch() unpadded, with its own images: how the official demo captions (one at a time)."""
+    patches = batch['image_grid_thw'].prod(-1)
+    start = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
+    for row, images in enumerate([[0, 1], [2], []]):
+        real = batch['attention_mask'][row].bool()
+        one = dict(input_ids=batch['input_ids'][row, real][None])
+        if images:
+            one.update(pixel_values=batch['pixel_values'][start[images[0]]:start[images[-1] + 1]],
+                       image_grid_thw=batch['image_grid_thw'][images])
+        yield one
+
+
+@pytest.mark.parametrize('generation', ['qwen2.5-vl', 'no top_k'])
+def test_sampling_follows_generation_config_as_transformers(tmp_path, generation):
+    """With the checkpoint's generation_config.json and UAE's demo overrides (do_sample, temperature 0.7),
+    each next-token distribution equals the one transformers' logits processors make (repetition penalty
+    over prompt + generated ids, temperature, top-k, top-p; a key the file lacks: transformers' default,
+    top_k 50). Qwen2.5-VL's file makes it greedy: the tokens then equal transformers' own, batched or not."""
+    ours, _ = make_pair()
+    ours.save_pretrained(str(tmp_path))
+    file = QWEN_GENERATION if generation == 'qwen2.5-vl' else dict(do_sample=True, top_p=0.8, repetition_penalty=1.3)
+    (tmp_path / 'generation_config.json').write_text(json.dumps(file))
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    ours = Encoder.from_pretrained(str(tmp_path))
+    settings = ours.sampling_settings()
+    assert settings == dict(top_k=file.get('top_k', 50), top_p=file['top_p'],
+                            repetition_penalty=file['repetition_penalty'])
+    torch.manual_seed(0)
+    want, penalty_matters = [], False
+    for row in rows_alone(make_batch()):
+        with torch.no_grad():
+            o = hf.generate(**row, mm_token_type_ids=(row['input_ids'] == IMG).int(), do_sample=True,
+                            temperature=0.7, max_new_tokens=16, output_scores=True, return_dict_in_generate=True)
+            L = row['input_ids'].shape[1]
+            new = o.sequences[0, L:]
+            logits = ours(o.sequences, pixel_values=row.get('pixel_values'),
+                          image_grid_thw=row.get('image_grid_thw'))[0, L - 1:-1]
+        for t, scores in enumerate(o.scores):
+            seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool)
+            seen[0, torch.cat([row['input_ids'][0], new[:t]])] = True
+            got = warp_logits(logits[t:t + 1], 0.7, seen=seen, **settings)
+            assert torch.equal(got.isinf(), scores.isinf())
+            assert (got - scores)[~got.isinf()].abs().max() < 1e-4
+            plain = warp_logits(logits[t:t + 1], 0.7, settings['top_k'], settings['top_p'])
+            penalty_matters |= not torch.equal(plain.isinf(), scores.isinf()) or \
+                bool((plain - scores)[~plain.isinf()].abs().max() > 1e-3)
+        want.append(new)
+    assert penalty_matters
+    if generation == 'qwen2.5-vl':  # greedy in effect: the tokens themselves, left-padded in one batch
+        out = ours.generate(**make_batch(sides=('left', 'left', 'left')), temperature=0.7, max_new_tokens=16,
+                            **settings)
+        assert [t[m].tolist() for t, m in zip(out.tokens, out.mask)] == [w.tolist() for w in want]

@@ -79,15 +79,14 @@ def test_scene_rewards_by_hand():
     """'scene' is exact object F1; 'scene_attributes' gives each attribute and the background partial credit."""
     import numpy as np
     from data.shapes import world
-    from grpo import Reward
+    from embedders import similarities
     objs = [dict(shape='circle', color='red', size='large', cell=(0, 0)),
             dict(shape='square', color='blue', size='small', cell=(2, 1))]
     orig = world.render(dict(background='black', objects=objs))
     one_missing = world.render(dict(background='black', objects=objs[:1]))
     recolored = world.render(dict(background='black', objects=[objs[0], dict(objs[1], color='green')]))
-    m = Reward({'scene': 1.0, 'scene_attributes': 1.0}).metrics(np.stack([orig, one_missing, recolored]),
-                                                                np.stack([orig] * 3))
+    m = similarities(['scene', 'scene_attributes'], {}, np.stack([orig, one_missing, recolored]), np.stack([orig] * 3))
     # one of two objects drawn: P 1, R 1/2 -> F1 2/3 for the object and for every attribute; background right
-    assert torch.allclose(m['scene'], torch.tensor([1.0, 2 / 3, 0.5]))
+    assert torch.allclose(m['scene'], torch.tensor([1.0, 2 / 3, 0.5], dtype=torch.float64))
     # recoloured: shape, size, cell all 1, colour 1/2; the object F1 counts it as wrong (1 of 2)
-    assert torch.allclose(m['scene_attributes'], torch.tensor([1.0, (4 * 2 / 3 + 1) / 5, (3 + 0.5 + 1) / 5]))
+    assert torch.allclose(m['scene_attributes'], torch.tensor([1.0, (4 * 2 / 3 + 1) / 5, (3 + 0.5 + 1) / 5], dtype=torch.float64))

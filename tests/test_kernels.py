@@ -2,7 +2,7 @@
 The Triton flash-attention kernels (kernels/attention.py) against float64 math attention.
 
 On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below
-before kernels.attention is imported), which is slow: shapes stay tiny, and the interpreter config
+before kernels/attention.py is loaded), which is slow: shapes stay tiny, and the interpreter config
 uses 16/32-wide blocks so that several blocks, ragged tails and causal diagonals are still crossed.
 bf16 runs only on a GPU (the interpreter's bf16 dot is broken).
 """
@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
     os.environ['TRITON_INTERPRET'] = '1'
 
 import common  # noqa: E402
-import kernels.attention as ka  # noqa: E402
+
+ka = common.attention_kernels()  # kernels/attention.py
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 needs_gpu_bf16 = pytest.mark.skipif(DEVICE == 'cpu' or ka.INTERPRET, reason='bf16 needs a GPU (interpreter bf16 dot)')

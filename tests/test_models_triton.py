@@ -8,10 +8,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ['TRITON_INTERPRET'] = '1'  # before triton is imported
 
-import kernels.attention as ka  # noqa: E402
+import common  # noqa: E402
 from model_decoder import MMDiT  # noqa: E402
 from test_decoder import inputs, make_reference, run_ref  # noqa: E402
 from test_encoder import hf_logits, make_batch, make_pair  # noqa: E402
+
+ka = common.attention_kernels()  # kernels/attention.py, the module common.attention calls
 
 
 @pytest.fixture

@@ -26,10 +26,13 @@ import grpo  # noqa: E402
 import train_rl  # noqa: E402
 from common import load_safetensors, save_safetensors  # noqa: E402
 from data.shapes import prepare, world  # noqa: E402
+from images import to_pil  # noqa: E402
 from lora import apply_lora, lora_disabled, lora_layers  # noqa: E402
 from model_decoder import LinearCodec, MMDiT, MMDiTConfig  # noqa: E402
-from model_encoder import Encoder, EncoderConfig, Tokenizer  # noqa: E402
-from sample import load_uae  # noqa: E402
+from model_encoder import Encoder, EncoderConfig  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+from pipeline import load_uae  # noqa: E402
+import model_decoder as D  # noqa: E402
 
 TINY_RUN = dict(images_per_step=2, group_size=2, sample_steps=3, max_new_tokens=8, eval_images=2, eval_steps=2,
                 reward={'pixel': 1.0})
@@ -112,8 +115,10 @@ def test_sde_rollout_logprobs_equal_their_reevaluation(toy):
     c = dit.config
     noise = torch.randn(2 * G, c.in_channels, c.sample_size, c.sample_size, generator=torch.Generator().manual_seed(1))
     args = (ctx_c, pooled_c, neg, pooled, steps, cfg, shift, level)
-    rollout = lambda seed: grpo.sde_rollout(dit, ctx_c, pooled_c, neg, pooled, noise, steps, cfg, shift, level,
-                                            {0, 1, 2}, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        rollout = lambda seed: D.sample(dit, ctx_c, pooled_c, neg, pooled, steps, cfg, shift,
+                                        torch.Generator().manual_seed(seed), noise=noise, sde_steps={0, 1, 2},
+                                        noise_level=level)
     for with_lora in (False, True):
         if with_lora:  # B != 0: the adapter really changes the velocity
             apply_lora(dit, train_rl.config['dit_lora_targets'], 4, 8)
@@ -123,18 +128,18 @@ def test_sde_rollout_logprobs_equal_their_reevaluation(toy):
         assert torch.equal(x0, rollout(0)[0])  # the SDE noise comes from the generator: reproducible
         assert not torch.allclose(x0, rollout(1)[0])
         for t in transitions:
-            logp, mean, std = grpo.transition_logprob(dit, t, *args)
+            logp, mean, std = D.transition_logprob(dit, t, *args)
             assert (logp - t['log_prob']).abs().max() < 1e-6
             assert not torch.allclose(t['x_next'], mean, atol=1e-3)  # a real random step, not the mean
             # a micro-batch of the rows, as u4g_step re-evaluates them
             sub = dict(j=t['j'], x=t['x'][1:3], x_next=t['x_next'][1:3])
-            logp_mb, _, _ = grpo.transition_logprob(dit, sub, ctx_c[1:3], pooled_c[1:3], *args[2:])
+            logp_mb, _, _ = D.transition_logprob(dit, sub, ctx_c[1:3], pooled_c[1:3], *args[2:])
             assert (logp_mb - t['log_prob'][1:3]).abs().max() < 1e-5
             _, stats = grpo.flow_grpo_loss(logp, t['log_prob'], torch.randn(2 * G), eps=1e-4)
             assert stats['ratio'] == pytest.approx(1, abs=1e-6) and stats['clip_frac'] == 0
         if with_lora:  # another policy scores the same transitions differently: the comparison above can fail
             with torch.no_grad(), lora_disabled(dit):
-                ref, _, _ = grpo.transition_logprob(dit, transitions[1], *args)
+                ref, _, _ = D.transition_logprob(dit, transitions[1], *args)
             assert (ref - transitions[1]['log_prob']).abs().max() > 1e-3
 
 
@@ -142,12 +147,14 @@ def test_first_g4u_step_is_on_policy(toy):
     enc, dit, _, pooled = load_uae(toy.cfg, 'cpu')
     enc.requires_grad_(False)
     torch.manual_seed(0)
-    params = train_rl.trainable(enc, dict(toy.cfg, lora_r=8, lora_alpha=16))  # fresh adapter: B = 0
+    params = train_rl.trainable(enc, dict(toy.cfg, lora_r=8, lora_alpha=16), toy.cfg['llm_lora_targets'])  # B = 0
     images, _ = world.load_split(os.path.join(toy.paths['data_dir'], 'val'))
     images, G, temperature = images[:2], 2, 0.7
-    batch, out = grpo.sample_captions(enc, train_rl.pil(images), G, temperature, 8,
-                                      generator=torch.Generator().manual_seed(0))
-    suppress = enc.vision_tokens()
+    suppress = enc.caption_suppress_tokens()
+    with torch.no_grad():  # G captions per image, as g4u_step samples them
+        batch = enc.caption_inputs([im for im in to_pil(images) for _ in range(G)])
+        out = enc.generate(**batch, max_new_tokens=8, temperature=temperature,
+                           generator=torch.Generator().manual_seed(0), suppress_tokens=suppress)
     assert out.mask.sum() > 4
     logp = enc.token_logprobs(batch, out.tokens, out.mask, temperature, suppress_tokens=suppress)
     assert (logp - out.logprobs).abs().max() < 1e-5
@@ -161,11 +168,11 @@ def test_first_g4u_step_is_on_policy(toy):
     # the same through the loop's g4u_step, micro-batched (3 rows of 4: the pixel rows of each image are
     # sliced out of the batch) or not: ratio 1, KL 0, and the same accumulated gradient
     cfg = dict(toy.cfg, **TINY_RUN, temperature=temperature, beta=0.04)
-    reward = grpo.Reward(cfg['reward'])
     grads = []
     for micro_batch in (3, 64):
-        stats = train_rl.g4u_step(dict(cfg, micro_batch=micro_batch), enc, dit, LinearCodec.load(toy.paths['vae']), pooled, reward, images,
-                                  torch.Generator().manual_seed(0), 0, 1, params)
+        stats = train_rl.g4u_step(dict(cfg, micro_batch=micro_batch), enc, dit, LinearCodec.load(toy.paths['vae']),
+                                  pooled, train_rl.load_reward(cfg, 'cpu'), images, torch.Generator().manual_seed(0),
+                                  0, 1)
         assert stats['ratio'] == pytest.approx(1, abs=1e-5) and stats['kl'] == 0 and stats['clip_frac'] == 0
         assert stats['reward_std'] > 0
         grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
@@ -396,23 +403,28 @@ def test_real_image_folder_trains_and_evaluates_by_reward(toy, image_folder, sta
         cfg = dict(toy.cfg, **TINY_RUN, data_dir=str(image_folder.dir))
         enc, dit, vae, pooled = load_uae(cfg, 'cpu')
         _, _, val_images, _ = train_rl.load_data(cfg, world.IMAGE)
-        result, _ = train_rl.evaluate(cfg, enc, dit, vae, pooled, val_images, reward_fn=grpo.Reward(cfg['reward']))
+        result, _ = train_rl.evaluate(cfg, enc, dit, vae, pooled, val_images,
+                                      embedders=train_rl.load_reward(cfg, 'cpu'))
         assert result['reward'] == pytest.approx(evals[0]['val_reward'], abs=1e-6)
         assert result['caption_tokens'] == evals[0]['val_caption_tokens']
 
 
-def test_mixed_rewards_are_zscored_and_logged_raw():
-    """Several metrics: advantages come from the weighted z-scores (SPEC §4), the log shows the weighted mean of
+def rewards_of(monkeypatch, metrics, weights):
+    """train_rl.reward on given similarities (embedders.similarities stubbed out)."""
+    monkeypatch.setattr(train_rl, 'similarities', lambda names, embedders, recon, orig: {k: metrics[k] for k in names})
+    return train_rl.reward(dict(reward=weights), {}, None, None, 1, 'cpu')
+
+
+def test_mixed_rewards_are_zscored_and_logged_raw(monkeypatch):
+    """Several metrics: advantages come from the weighted z-scores (grpo.py), the log shows the weighted mean of
     the raw similarities (the z-scores of any batch average 0)."""
     a, b = torch.tensor([0.9, 0.8, 0.7, 0.2]), torch.tensor([0.5, 0.5, 0.1, 0.3])
-    fake = SimpleNamespace(weights={'a': 1.0, 'b': 3.0}, metrics=lambda recon, orig: {'a': a, 'b': b})
-    mixed, log = train_rl.rollout_rewards(fake, None, None, 1, 'cpu')
+    mixed, log = rewards_of(monkeypatch, {'a': a, 'b': b}, {'a': 1.0, 'b': 3.0})
     z = lambda x: (x - x.mean()) / x.std(unbiased=False)
     torch.testing.assert_close(mixed, z(a) + 3 * z(b), rtol=1e-5, atol=1e-5)
     assert log['reward'] == pytest.approx(float((a.mean() + 3 * b.mean()) / 4))
     assert log['reward_a'] == pytest.approx(0.65) and log['reward_b'] == pytest.approx(0.35)
-    single = SimpleNamespace(weights={'a': 2.0}, metrics=lambda recon, orig: {'a': a})
-    mixed, log = train_rl.rollout_rewards(single, None, None, 1, 'cpu')
+    mixed, log = rewards_of(monkeypatch, {'a': a}, {'a': 2.0})
     assert torch.equal(mixed, a) and log['reward'] == pytest.approx(0.65) and 'reward_a' not in log
 
 
@@ -449,7 +461,7 @@ def test_config_files_parse(name):
     assert all(v.startswith('/path/to/') for k, v in values.items() if k in ('llm', 'dit', 'vae', 'pooled'))
     if name == 'uae.py':  # sample.py and bench.py
         configure(copy.deepcopy(sample.config), [path])
-        configure({k: sample.config[k] for k in bench.UAE_KEYS}, [path])
+        configure(copy.deepcopy(bench.UAE), [path])
     else:
         cfg = configure(copy.deepcopy(train_rl.config), [path])
         assert name == f"uae_{cfg['stage']}.py"

@@ -15,10 +15,13 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model_decoder as D  # noqa: E402
+import pipeline  # noqa: E402
 import sample  # noqa: E402
 from common import save_safetensors  # noqa: E402
 from data.shapes import prepare, world  # noqa: E402
-from model_encoder import Encoder, EncoderConfig, Tokenizer, load_image  # noqa: E402
+from images import load_image  # noqa: E402
+from model_encoder import Encoder, EncoderConfig  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 DEFAULTS = copy.deepcopy(sample.config)  # main() updates the module's config in place
 LONG_PROMPT = ('a large red circle in the top left, a small blue square in the middle center, '
@@ -106,7 +109,7 @@ def test_t2i(ckpt, tmp_path, capsys):
 def test_bfloat16_weights(ckpt, tmp_path, capsys):
     """--dtype=bfloat16 loads the frozen weights in bf16 (half the memory of real models) and recon runs
     end to end under autocast; the codec stays fp32."""
-    enc, dit, vae, pooled = sample.load_uae(dict(DEFAULTS, llm=str(ckpt / 'llm'), dit=str(ckpt / 'dit'),
+    enc, dit, vae, pooled = pipeline.load_uae(dict(DEFAULTS, llm=str(ckpt / 'llm'), dit=str(ckpt / 'dit'),
                                                  pooled=str(ckpt / 'pooled.safetensors'),
                                                  vae=str(ckpt / 'codec.safetensors'), dtype='bfloat16'), 'cpu')
     assert {p.dtype for p in enc.parameters()} == {p.dtype for p in dit.parameters()} == {torch.bfloat16}
@@ -122,7 +125,7 @@ def test_i2t_prints_the_caption(ckpt, capsys):
     text = run(ckpt, capsys, mode='i2t', image=image)
     enc = Encoder.from_pretrained(str(ckpt / 'llm'))
     gen = torch.Generator().manual_seed(0)
-    want, _ = sample.caption(enc, [load_image(str(image))], 0.7, 8, generator=gen)
+    want, _ = pipeline.caption(enc, [load_image(str(image))], 0.7, 8, generator=gen)
     assert want[0] and want[0] in text
     assert 'hit max_new_tokens=8' in text  # a random model does not stop: the cut is announced
 
@@ -218,11 +221,11 @@ def test_shipped_decoder_draws_what_its_caption_says():
     """Issue 4's target: from ground-truth complete captions the shipped decoder redraws the scenes with
     object F1 >= 0.8 (100 test images: 0.908; README). Here 32 fresh scenes, every attribute checked."""
     cfg = dict(DEFAULTS, device='cpu')
-    enc, dit, vae, pooled = sample.load_uae(cfg, 'cpu')
+    enc, dit, vae, pooled = pipeline.load_uae(cfg, 'cpu')
     rng = np.random.default_rng(11)
     scenes = [world.sample_scene(rng) for _ in range(32)]
-    recon = sample.generate(enc, dit, vae, pooled, [world.caption(s) for s in scenes], '', None, cfg['steps'],
-                            cfg['cfg'], cfg['shift'], torch.Generator().manual_seed(0))
+    recon = pipeline.draw(enc, dit, vae, pooled, [world.caption(s) for s in scenes], '', None, cfg['steps'],
+                          cfg['guidance'], cfg['shift'], torch.Generator().manual_seed(0))
     scores = [world.score(world.parse_image(r), s) for r, s in zip(recon, scenes)]
     mean = {k: float(np.mean([q[k] for q in scores])) for k in ('object_f1', 'shape_f1', 'color_f1', 'size_f1', 'cell_f1')}
     assert mean['object_f1'] >= 0.8 and min(mean.values()) >= 0.8, mean
@@ -231,17 +234,16 @@ def test_shipped_decoder_draws_what_its_caption_says():
 def test_shipped_reward_rises_with_caption_detail():
     """What G4U needs (issue 5): the toy reward of reconstructions from complete captions beats that from
     one-object captions of the same scenes (100 validation images: 0.97 against 0.36, see README)."""
-    from grpo import Reward
+    from embedders import similarities
     cfg = dict(DEFAULTS, device='cpu')
-    enc, dit, vae, pooled = sample.load_uae(cfg, 'cpu')
+    enc, dit, vae, pooled = pipeline.load_uae(cfg, 'cpu')
     rng = np.random.default_rng(7)
     scenes = [world.sample_scene(rng) for _ in range(24)]
     texts = [world.captions(s, rng) for s in scenes]
     originals = np.stack([world.render(s) for s in scenes])
-    reward = Reward({'scene_attributes': 1.0})
     means = {}
     for level in ('one', 'complete'):
-        recon = sample.generate(enc, dit, vae, pooled, [t[level] for t in texts], '', None, cfg['steps'], cfg['cfg'],
-                                cfg['shift'], torch.Generator().manual_seed(0))
-        means[level] = reward.metrics(recon, originals)['scene_attributes'].mean().item()
+        recon = pipeline.draw(enc, dit, vae, pooled, [t[level] for t in texts], '', None, cfg['steps'],
+                              cfg['guidance'], cfg['shift'], torch.Generator().manual_seed(0))
+        means[level] = similarities(['scene_attributes'], {}, recon, originals)['scene_attributes'].mean().item()
     assert means['complete'] > means['one'] + 0.1, means

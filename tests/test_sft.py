@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +21,9 @@ sys.path.insert(0, ROOT)
 import model_decoder as D  # noqa: E402
 import train_sft  # noqa: E402
 from data.shapes import prepare, world  # noqa: E402
-from model_encoder import Encoder, EncoderConfig, Tokenizer  # noqa: E402
+from images import to_pil, to_pixels, to_uint8  # noqa: E402
+from model_encoder import Encoder, EncoderConfig  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 DEFAULTS = copy.deepcopy(train_sft.config)  # main() updates the module's config in place
 
@@ -260,7 +261,7 @@ def test_encoder_export_round_trip(trained, toy):
     loaded = Encoder.from_pretrained(os.path.join(run['out'], 'llm')).eval()
     assert (loaded.min_pixels, loaded.max_pixels) == (live.min_pixels, live.max_pixels) == (48 * 48, 48 * 48)
     images, records = world.load_split(os.path.join(toy['data'], 'val'))
-    pil = [Image.fromarray(np.asarray(im)) for im in images[:3]]
+    pil = to_pil(images[:3])
     caps = [r['captions']['complete'] for r in records[:3]]
     with torch.no_grad():
         outs = [enc.token_logprobs(enc.caption_inputs(pil), *enc.caption_tokens(caps)) for enc in (live, loaded)]
@@ -299,7 +300,7 @@ def test_decoder_export_round_trip(trained, toy):
     # the latent codec ships with them and encodes the world's images (nearly) losslessly
     codec = D.LinearCodec.load(os.path.join(run['out'], 'codec.safetensors'))
     images, _ = world.load_split(os.path.join(toy['data'], 'val'))
-    back = train_sft.to_uint8(D.decode(codec, D.encode(codec, train_sft.to_pixels(images[:8]))))
+    back = to_uint8(D.decode(codec, D.encode(codec, to_pixels(images[:8]))))
     assert np.abs(back.astype(int) - images[:8]).max() <= 2
     assert os.path.exists(os.path.join(run['out'], f"samples_{run['steps']:06d}.png"))
 

@@ -48,7 +48,7 @@ PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\
 SPECIAL_TOKENS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>',
                   '<|vision_start|>', '<|vision_end|>', '<|image_pad|>')
 # Text the models read besides captions (chat template roles, default system prompt, the captioning
-# prompt and the CFG negative prompt of SPEC §2): in the corpus so that they cost a few tokens each
+# prompt and UAE's CFG negative prompt): in the corpus so that they cost a few tokens each
 # instead of one per byte. Byte-level BPE encodes any other text too, just in more tokens.
 TEMPLATE_TEXTS = (
     'system\n', 'user\n', 'assistant\n', 'generate\n', '\n', 'You are a helpful assistant.',

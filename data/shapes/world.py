@@ -297,6 +297,14 @@ def score(pred, true):
     out['background'] = float(pred['background'] == true['background'])
     return out
 
+
+def attribute_score(s):
+    """Partial credit from a score() dict: the mean of the shape, colour, size and cell F1s and the
+    background match. An object counts for object_f1 only when all four attributes are right, so with a
+    decoder that gets one or two wrong every caption of a group scores 0 and GRPO learns nothing; this
+    one still ranks them (the toy RL reward 'scene_attributes')."""
+    return (s['shape_f1'] + s['color_f1'] + s['size_f1'] + s['cell_f1'] + s['background']) / 5
+
 # -----------------------------------------------------------------------------
 # loading a split written by prepare.py
 

@@ -1,13 +1,13 @@
 """
 Compute UAE's constant pooled vector once: SD3's pooled CLIP-L + CLIP-G embedding of the empty prompt
-(SPEC §2), written as a safetensors file {'pooled': (2048,)} that sample.py / bench.py / train_rl.py
+(docs/uae.md, "Wiring"), written as a safetensors file {'pooled': (2048,)} that sample.py / bench.py / train_rl.py
 read with --pooled=PATH, so no CLIP text encoder is ever loaded at run time.
 
-    python data/sd3_pooled.py --sd3=/path/to/stable-diffusion-3.5-large --out=checkpoints/sd35_pooled.safetensors
+    python tools/sd3_pooled.py --sd3=/path/to/stable-diffusion-3.5-large --out=checkpoints/sd35_pooled.safetensors
 
 Reads the local SD3.5 directory's text_encoder / text_encoder_2 (CLIPTextModelWithProjection) and
 tokenizer / tokenizer_2 with transformers, as diffusers' StableDiffusion3Pipeline.encode_prompt does
-for prompt "". Not yet run against the real weights (none can be downloaded here).
+for prompt "". Not yet run against the real SD3.5 weights.
 """
 import os
 import sys

@@ -8,7 +8,7 @@ cell queries to classify each cell's object (empty, or shape x colour x size: 49
 held-out accuracy. Token embeddings (layer 0) are a bag of words: they cannot tell which colour goes with
 which cell, only a layer that mixes the words can.
 
-    python data/shapes/probe_layers.py --llm=checkpoints/toy/llm --layers=[0,1,2,4]   # ~6 min per layer here
+    python tools/probe_layers.py --llm=checkpoints/toy/llm --layers=[0,1,2,4]   # ~6 min per layer on 2 CPU cores
 """
 import os
 import sys
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import configure  # noqa: E402
 from data.shapes import world  # noqa: E402
 from model_encoder import Encoder  # noqa: E402

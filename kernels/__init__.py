@@ -1,1 +1,0 @@
-"""Hand-written Triton kernels. Import lazily (common.attention does): importing triton is not free."""
