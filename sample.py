@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common import autocast, configure, keep_freed_memory, make_dir, pick_device, require_positive, run
+from checkpoint import make_dir
+from common import autocast, configure, keep_freed_memory, pick_device, require_positive, run
 from images import load_image, to_pil
 from pipeline import caption, draw, load_uae
 

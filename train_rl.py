@@ -28,9 +28,11 @@ from PIL import Image, ImageDraw
 
 import grpo
 import model_decoder as D
-from common import (autocast, check_checkpoint, check_optimizer_files, check_run_dir, configure, keep_freed_memory,
-                    load_checkpoint, optimizer_from_files, optimizer_to_files, require_positive, run,
-                    save_checkpoint, setup_distributed, skip_nonfinite, teardown_distributed, truncate_log)
+from checkpoint import (check_checkpoint, check_optimizer_files, check_run_dir, load_checkpoint,
+                        optimizer_from_files, optimizer_to_files, save_checkpoint, skip_nonfinite,
+                        truncate_log)
+from common import (autocast, configure, keep_freed_memory, require_positive, run, setup_distributed,
+                    teardown_distributed)
 from data.shapes import world
 from embedders import SCENE_METRICS, load_embedder, similarities
 from images import IMAGE_EXTENSIONS, load_image, to_pil, to_pixels, to_uint8

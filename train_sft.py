@@ -26,10 +26,12 @@ import torch.distributed as dist
 from PIL import Image
 
 import model_decoder as D
-from common import (autocast, check_checkpoint, check_optimizer_files, check_run_dir, check_state_dict, configure,
-                    keep_freed_memory, load_checkpoint, load_safetensors, optimizer_from_files, optimizer_to_files,
-                    require_fraction, require_positive, run, save_checkpoint, save_safetensors, setup_distributed,
-                    skip_nonfinite, teardown_distributed, truncate_log)
+from checkpoint import (check_checkpoint, check_optimizer_files, check_run_dir, load_checkpoint,
+                        optimizer_from_files, optimizer_to_files, save_checkpoint, skip_nonfinite,
+                        truncate_log)
+from common import (autocast, check_state_dict, configure, keep_freed_memory, load_safetensors,
+                    require_fraction, require_positive, run, save_safetensors, setup_distributed,
+                    teardown_distributed)
 from data.shapes import world
 from images import to_pil, to_pixels, to_uint8
 from model_encoder import Encoder

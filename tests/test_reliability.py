@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import checkpoint  # noqa: E402
 import common  # noqa: E402
 import grpo  # noqa: E402
 import model_decoder as D  # noqa: E402
@@ -92,23 +93,23 @@ def test_a_kill_at_any_instant_of_a_save_loses_nothing(tmp_path, monkeypatch):
     def saves(k2, k3):
         shutil.rmtree(tmp_path)
         os.makedirs(tmp_path)
-        common.save_checkpoint(d, weights_at(1), meta_at(1))
+        checkpoint.save_checkpoint(d, weights_at(1), meta_at(1))
         saving, written, counts = [0], [1], []
         with monkeypatch.context() as m:
             for step, k in ((2, k2), (3, k3)):
                 saving[0] = step
                 counts.append(kill_before(m, k, saving, written))
                 try:
-                    common.save_checkpoint(d, weights_at(step), meta_at(step))
+                    checkpoint.save_checkpoint(d, weights_at(step), meta_at(step))
                 except Killed:
                     pass
                 m.undo()
-                weights, meta, path = common.load_checkpoint(d, ['model', 'optimizer'])
+                weights, meta, path = checkpoint.load_checkpoint(d, ['model', 'optimizer'])
                 assert meta['step'] == written[-1], (k2, k3, path, written)
                 assert torch.equal(weights['model']['w'], torch.full((3,), float(meta['step'])))
-        common.save_checkpoint(d, weights_at(4), meta_at(4))
+        checkpoint.save_checkpoint(d, weights_at(4), meta_at(4))
         assert sorted(os.listdir(tmp_path)) == ['ckpt'], (k2, k3)
-        assert common.load_checkpoint(d, ['model', 'optimizer'])[1]['step'] == 4
+        assert checkpoint.load_checkpoint(d, ['model', 'optimizer'])[1]['step'] == 4
         return [c[0] for c in counts]
 
     n2, n3 = saves(0, 0)  # the filesystem changes of a save over an existing checkpoint
@@ -125,7 +126,7 @@ def test_a_real_kill_between_the_two_renames(tmp_path):
     d = str(tmp_path / 'ckpt')
     pid = os.fork()  # a child with everything imported: no interpreter start-up
     if pid == 0:
-        common.save_checkpoint(d, weights_at(1), meta_at(1))
+        checkpoint.save_checkpoint(d, weights_at(1), meta_at(1))
         real = os.replace
 
         def replace(src, dst):
@@ -133,15 +134,15 @@ def test_a_real_kill_between_the_two_renames(tmp_path):
                 os._exit(9)
             real(src, dst)
         os.replace = replace
-        common.save_checkpoint(d, weights_at(2), meta_at(2))
+        checkpoint.save_checkpoint(d, weights_at(2), meta_at(2))
         os._exit(0)
     assert os.waitpid(pid, 0)[1] >> 8 == 9
     assert sorted(os.listdir(tmp_path)) == ['ckpt.old', 'ckpt.tmp']
-    weights, meta, path = common.load_checkpoint(d, ['model', 'optimizer'])
+    weights, meta, path = checkpoint.load_checkpoint(d, ['model', 'optimizer'])
     assert (meta['step'], path) == (2, d + '.tmp') and torch.equal(weights['model']['w'], torch.full((3,), 2.0))
-    common.check_run_dir(str(tmp_path), resume=True)
+    checkpoint.check_run_dir(str(tmp_path), resume=True)
     with pytest.raises(ValueError, match=r'holds an earlier run \(ckpt.tmp, ckpt.old\): continue it with --resume'):
-        common.check_run_dir(str(tmp_path), resume=False)
+        checkpoint.check_run_dir(str(tmp_path), resume=False)
     umask = os.umask(0)
     os.umask(umask)
     for f in ('model.safetensors', 'meta.json'):
@@ -378,11 +379,11 @@ def test_rollout_rewards_leave_out_and_count_nonfinite_ones(monkeypatch):
 def test_nonfinite_weights_are_never_written(tmp_path):
     with pytest.raises(ValueError, match=r'refusing to write .*x.safetensors: non-finite values \(NaN or inf\) in b'):
         save_safetensors({'a': torch.ones(2), 'b': torch.tensor([1.0, math.inf])}, str(tmp_path / 'x.safetensors'))
-    common.save_checkpoint(str(tmp_path / 'ckpt'), weights_at(1), meta_at(1))
+    checkpoint.save_checkpoint(str(tmp_path / 'ckpt'), weights_at(1), meta_at(1))
     bad = dict(weights_at(2), ema={'w': torch.tensor([math.nan])})
     with pytest.raises(ValueError, match='ema.safetensors: non-finite values'):
-        common.save_checkpoint(str(tmp_path / 'ckpt'), bad, meta_at(2))
-    assert sorted(os.listdir(tmp_path)) == ['ckpt'] and common.load_checkpoint(str(tmp_path / 'ckpt'), ['model', 'optimizer'])[1]['step'] == 1
+        checkpoint.save_checkpoint(str(tmp_path / 'ckpt'), bad, meta_at(2))
+    assert sorted(os.listdir(tmp_path)) == ['ckpt'] and checkpoint.load_checkpoint(str(tmp_path / 'ckpt'), ['model', 'optimizer'])[1]['step'] == 1
     dit = D.MMDiT(D.MMDiTConfig.from_dict(dict(json.load(open(os.path.join(ROOT, 'config/toy_decoder.json'))), num_layers=1)))
     apply_lora(dit, ['to_q'], 2, 4)
     with torch.no_grad():
