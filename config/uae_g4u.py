@@ -21,7 +21,7 @@
     'steps': 500,
     'images_per_step': 8,  # one image per rank on 8 GPUs; its whole group stays on that rank
     'group_size': 8,  # G = 8 captions per image (DeepSeekMath's GRPO uses 64; 8 is TRL's default)
-    'micro_batch': 8,  # captions per backward of the encoder: ~24-37 GB at 300-512 tokens (memory plan)
+    'micro_batch': 4,  # captions per backward of the encoder: ~15-26 GB at 300-512 tokens (8: 39-51 GB; memory plan)
     'lr': 1e-5,  # our choice: LoRA-GRPO on LLMs runs at 1e-5..5e-5 (UAE gives none)
     'weight_decay': 0.0, 'grad_clip': 1.0,
     'beta': 0.04,  # k3 KL to the reference: DeepSeekMath's GRPO value, the top of the 0.01-0.04 range GRPO runs use
