@@ -15,7 +15,7 @@ import shutil
 
 import torch
 
-from common import (atomic_write, check_finite, fsync_dir, load_safetensors, read_json, save_json, save_safetensors,
+from common import (atomic_write, fsync_path, load_safetensors, read_json, save_json, save_safetensors,
                     state_dict_problems)
 
 
@@ -105,24 +105,26 @@ def finish_swap(directory):
         os.replace(old, directory)
     if _complete(directory):
         _remove(old)
-    fsync_dir(os.path.dirname(directory))
+    fsync_path(os.path.dirname(directory))
 
 
 def save_checkpoint(directory, weights, meta):
     """Write directory/<name>.safetensors for each {name: state_dict} of `weights` and meta.json, crash-safe
-    (see above). Non-finite weights are refused before anything is written."""
-    for name, state in weights.items():
-        check_finite(state, os.path.join(directory, f'{name}.safetensors'))
+    (see above). Non-finite weights are refused (save_safetensors checks them) and leave nothing behind."""
     finish_swap(directory)
     tmp, old = directory + '.tmp', directory + '.old'
     os.makedirs(tmp)
-    for name, state in weights.items():
-        save_safetensors(state, os.path.join(tmp, f'{name}.safetensors'))
+    try:
+        for name, state in weights.items():
+            save_safetensors(state, os.path.join(tmp, f'{name}.safetensors'))
+    except ValueError:
+        _remove(tmp)  # incomplete (no meta.json yet): the previous checkpoint is still the newest
+        raise
     save_json(meta, os.path.join(tmp, 'meta.json'))  # last: from here on tmp is the newest checkpoint
     if os.path.exists(directory):
         os.replace(directory, old)
     os.replace(tmp, directory)
-    fsync_dir(os.path.dirname(directory))
+    fsync_path(os.path.dirname(directory))
     _remove(old)
 
 

@@ -256,8 +256,8 @@ _UMASK = os.umask(0o22)
 os.umask(_UMASK)  # read once: the mode a plain open() would give a new file is 0o666 & ~umask
 
 
-def fsync_dir(path):
-    """Make the renames in a directory durable (a file's own fsync does not cover its name)."""
+def fsync_path(path):
+    """Flush a file, or a directory's renames (a file's own fsync does not cover its name), to disk."""
     fd = os.open(path or '.', os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -272,13 +272,9 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
+        fsync_path(os.path.dirname(path))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -312,12 +308,18 @@ def save_json(obj, path):
 
 
 def read_json(path):
-    """A JSON file's content; a cut or malformed file is an error naming it."""
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f'{path} is not valid JSON (cut short?): {e}') from None
+    """A JSON file holding an object (every config, index and meta file here does); a missing, cut or
+    malformed file is an error naming it."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{path} not found') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path} is not valid JSON (cut short?): {e}') from None
+    if not isinstance(value, dict):
+        raise ValueError(f'{path} must hold a JSON object, got {type(value).__name__}')
+    return value
 
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,6 @@ the checkpoint's preprocessor_config.json when there is one (PIL and torch only,
   longclip  LongCLIP's own transform (OpenAI's): shortest edge 224 bicubic, centre crop whose offset
             is rounded rather than floored (torchvision's CenterCrop), CLIP mean/std
 """
-import json
 import math
 import os
 import re
@@ -39,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from common import attention, check_state_dict, load_safetensors_dir
+from common import attention, check_state_dict, load_safetensors_dir, read_json
 from images import CLIP_MEAN, CLIP_STD, to_rgb
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -106,19 +105,6 @@ def preprocess(image, p):
     return ((x - mean) / std).contiguous()
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _size_from_config(value, square, path):
     if isinstance(value, int):
         return (value, value) if square else value
@@ -139,7 +125,7 @@ def read_preprocess(directory, processor, without_config, square):
     path = os.path.join(directory, 'preprocessor_config.json')
     if not os.path.exists(path):
         return without_config
-    cfg = {k: v for k, v in _read_json(path).items() if v is not None}  # null = the processor's default
+    cfg = {k: v for k, v in read_json(path).items() if v is not None}  # null = the processor's default
     square = cfg.get('default_to_square', square)
     p = Preprocess(**vars(processor))
     if cfg.get('do_resize') is False:
@@ -332,7 +318,7 @@ def _hf_dir(path, model_types):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
     config_path = os.path.join(path, 'config.json')
-    config = _read_json(config_path)
+    config = read_json(config_path)
     if config.get('model_type') not in model_types:
         raise ValueError(f"{config_path}: model_type {config.get('model_type')!r}, expected {' or '.join(model_types)}")
     try:

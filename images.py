@@ -55,6 +55,11 @@ def load_image(path):
     return to_rgb(image)
 
 
+def read_rgb(image):
+    """A path (read by load_image) or an image (converted by to_rgb) -> RGB PIL image."""
+    return load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+
+
 # -----------------------------------------------------------------------------
 # pixel conversions: uint8 (B, H, W, 3) arrays, the models' float (B, 3, H, W) in [-1, 1], PIL images
 
@@ -107,7 +112,7 @@ def fetch_image(image, factor=28):
     Unlike qwen-vl-utils, the image is read by load_image / to_rgb: upright by EXIF, 16 bit scaled, and
     every kind of transparency on white (qwen-vl-utils does that for RGBA only; LA and palette images
     show their hidden colours there)."""
-    image = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+    image = read_rgb(image)
     h, w = smart_resize(image.height, image.width, factor, 4 * factor ** 2, 16384 * factor ** 2, at_least_factor=True)
     return image.resize((w, h), Image.BICUBIC)
 
@@ -117,7 +122,7 @@ def preprocess_image(image, min_pixels=3136, max_pixels=65536, patch_size=14, me
     transformers' Qwen2VLImageProcessor (the slow, PIL one): smart resize (bicubic), /255, CLIP mean/std,
     patches in merge-block order, each repeated temporal_patch_size times (a still image is a one-frame
     video). The official captioning path runs fetch_image first (see Encoder.caption_inputs)."""
-    image = load_image(image) if isinstance(image, (str, os.PathLike)) else to_rgb(image)
+    image = read_rgb(image)
     h, w = smart_resize(image.height, image.width, patch_size * merge_size, min_pixels, max_pixels)
     x = np.asarray(image.resize((w, h), Image.BICUBIC)).astype(np.float64) * (1 / 255)
     x = (x.astype(np.float32) - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)

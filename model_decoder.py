@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import attention, check_state_dict, load_safetensors_dir, save_json, save_safetensors
+from common import attention, check_state_dict, load_safetensors, load_safetensors_dir, save_json, save_safetensors
 from lora import base_state_dict, lora_layers
 
 
@@ -621,18 +621,24 @@ class LinearCodec(nn.Module):
         return x.view(B, h, w, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, h * p, w * p)
 
     def save(self, path):
-        from common import save_safetensors
         save_safetensors(dict(basis=self.basis, mean=self.mean, scale=self.scale,
                               patch=torch.tensor(self.factor)), path)
 
     @classmethod
     def load(cls, path, device='cpu'):
-        from common import load_safetensors
         t = load_safetensors(path)
         missing = sorted({'basis', 'mean', 'scale', 'patch'} - set(t))
         if missing:
             raise ValueError(f'{path} is not a LinearCodec file: missing {missing}')
         return cls(t['basis'], t['mean'], t['scale'], int(t['patch'])).to(device)
+
+
+def load_pooled(path, dim):
+    """The constant pooled vector (dim,) of a safetensors file {'pooled': ...}, checked strictly (UAE feeds
+    SD3's pooled embedding of the empty prompt to both CFG branches: tools/sd3_pooled.py)."""
+    state = load_safetensors(path)
+    check_state_dict({'pooled': torch.empty(dim)}, state, path)
+    return state['pooled']
 
 
 def load_codec(path, dtype=torch.float32, device='cpu'):

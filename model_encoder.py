@@ -15,7 +15,6 @@ load without renaming and our PEFT adapters load into transformers + peft.
 """
 import glob
 import itertools
-import json
 import math
 import os
 import re
@@ -29,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import (attention, check_state_dict, load_safetensors, load_safetensors_dir,
+from common import (attention, check_state_dict, load_safetensors, load_safetensors_dir, read_json,
                     save_json, save_safetensors)
 from images import CLIP_MEAN, CLIP_STD, fetch_image, preprocess_image
 from lora import apply_lora, base_state_dict, lora_layers, peft_to_ours
@@ -569,8 +568,7 @@ class Encoder(nn.Module):
         path = os.path.join(directory, 'config.json')
         if not os.path.exists(path):
             raise FileNotFoundError(f'no config.json in {directory}')
-        with open(path) as f:
-            config = EncoderConfig.from_hf(json.load(f), path)
+        config = EncoderConfig.from_hf(read_json(path), path)
         state = load_safetensors_dir(directory, 'model')
         if 'projector.0.weight' in state and 'projector.2.weight' in state:  # UAE `llm`: sizes from the weights
             config.projector_hidden_size = state['projector.0.weight'].shape[0]
@@ -589,12 +587,10 @@ class Encoder(nn.Module):
             model.tokenizer = Tokenizer.from_pretrained(os.path.dirname(tok))
         gen = os.path.join(directory, 'generation_config.json')
         if os.path.exists(gen):
-            with open(gen) as f:
-                model.generation_config = json.load(f)
+            model.generation_config = read_json(gen)
         pre = found('preprocessor_config.json')
         if pre:
-            with open(pre) as f:
-                p = json.load(f)
+            p = read_json(pre)
             size = p.get('size') or {}
             model.min_pixels = p.get('min_pixels', size.get('shortest_edge', model.min_pixels))
             model.max_pixels = p.get('max_pixels', size.get('longest_edge', model.max_pixels))

@@ -15,7 +15,6 @@ import os
 import torch
 
 import model_decoder as D
-from common import check_state_dict, load_safetensors
 from images import to_uint8
 from lora import load_peft
 from model_encoder import Encoder
@@ -43,9 +42,7 @@ def load_uae(cfg, device):
     if cfg['dit_lora']:
         load_peft(dit, cfg['dit_lora'])
     codec = D.load_codec(cfg['vae'], device=device) if cfg['vae'] else None
-    state = load_safetensors(cfg['pooled'])
-    check_state_dict({'pooled': torch.empty(dit.config.pooled_projection_dim)}, state, cfg['pooled'])
-    pooled = state['pooled'].to(device, dtype).view(1, -1)
+    pooled = D.load_pooled(cfg['pooled'], dit.config.pooled_projection_dim).to(device, dtype).view(1, -1)
     return enc, dit, codec, pooled
 
 

@@ -40,6 +40,7 @@ config = dict(
     # there (full mode's default), its sample runs stay bf16; small mode keeps bf16 throughout
     train_dtype='',
     checks='kernels,attention,parity,rehearsal,torchrun',  # --mode=gpu: which checks
+    device='auto',            # --mode=gpu: where the checks run; auto = CUDA when available, else the CPU
     rebuild=False,            # build the checkpoints again even if out_dir/ckpt holds them
     jobs=1,                   # runs at once (each its own process: the peaks stay per run; full: keep 1)
 )
@@ -520,10 +521,13 @@ def gpu_acceptance(cfg):
     512^2 and 1024^2 with torch.cuda.max_memory_allocated per phase, and a two-step G4U under torchrun on
     all GPUs. Without CUDA, the same steps at the small widths (the rehearsal, torchrun on 2 CPU ranks
     over gloo), and every GPU-only check listed as not exercised."""
-    cuda = torch.cuda.is_available()
+    from common import pick_device
+    device = pick_device(cfg['device'])
+    cuda = device.type == 'cuda'
     n_gpu = torch.cuda.device_count() if cuda else 0
     py = sys.executable
-    report = dict(device=torch.cuda.get_device_name() if cuda else 'cpu', gpus=n_gpu, checks={}, not_exercised=[])
+    report = dict(device=torch.cuda.get_device_name(device) if cuda else 'cpu', gpus=n_gpu, checks={},
+                  not_exercised=[])
     checks, todo_checks = report['checks'], cfg['checks'].split(',')
     unknown = sorted(set(todo_checks) - {'kernels', 'attention', 'parity', 'rehearsal', 'torchrun'})
     if unknown:
@@ -548,12 +552,11 @@ def gpu_acceptance(cfg):
     report['not_exercised'].append('decoder / encoder parity on CUDA in bf16 (the parity tests run on the CPU)')
     # 4. the rehearsal: full depth on a GPU at 512 and 1024, else the small widths
     mode, arch = ('deep', DEEP) if cuda else ('small', SMALL)
-    device = 'cuda' if cuda else 'cpu'
     d, counts = checkpoints(cfg, arch, mode)
     todo = {}
     for size in ((512, 1024) if cuda else (arch['size'],)) if 'rehearsal' in todo_checks else ():
         T = 512 if cuda else arch['max_new_tokens']  # random weights caption to the limit: the worst case
-        todo.update({k: v for k, v in runs(cfg, d, size, T, device, real=cuda, tag=f'{size}_').items()
+        todo.update({k: v for k, v in runs(cfg, d, size, T, str(device), real=cuda, tag=f'{size}_').items()
                      if not k.endswith(('i2t', 't2i'))})
     t0 = time.time()
     report['rehearsal'] = dict(mode=mode, parameters=counts, plan_weights_gb=plan_weights(counts, cfg['dtype']),
@@ -575,7 +578,7 @@ def gpu_acceptance(cfg):
     elif cuda and n_gpu < 2:
         report['not_exercised'].append('torchrun G4U on several GPUs (one GPU visible)')
     else:
-        g4u = runs(cfg, d, arch['size'] if not cuda else 512, 16 if cuda else arch['max_new_tokens'], device,
+        g4u = runs(cfg, d, arch['size'] if not cuda else 512, 16 if cuda else arch['max_new_tokens'], str(device),
                    tag='torchrun_')['torchrun_g4u'][2]
         kw = dict(g4u, steps=2, images_per_step=ranks, eval_every=2, save_every=2)
         kw['data_dir'] = os.path.join(cfg['out_dir'], 'gpu', 'torchrun_images')
@@ -598,7 +601,7 @@ def gpu_acceptance(cfg):
 
 
 def main():
-    from common import configure, require_positive
+    from common import configure, read_json, require_positive, save_json
     cfg = configure(config)
     require_positive(cfg, 'size', 'max_new_tokens', minimum=0)
     require_positive(cfg, 'jobs')
@@ -641,8 +644,7 @@ def main():
         # runs not asked for this time are kept from the last report of the same mode and size
         last = os.path.join(cfg['out_dir'], 'report.json')
         if os.path.exists(last):
-            with open(last) as f:
-                old = json.load(f)
+            old = read_json(last)
             if (old.get('mode'), old.get('size'), old.get('max_new_tokens')) == (cfg['mode'], size, T):
                 kept = {k: dict(r, kept_from_last_report=True) for k, r in old['runs'].items() if k not in todo}
                 report['runs'] = dict(kept, **report['runs'])
@@ -656,8 +658,7 @@ def main():
         line = dict(mode=report['mode'], ok=report['ok'], seconds=round(report['seconds']),
                     peaks_gb={k: round(r.get('peak_gb', float('nan')), 3) for k, r in report['runs'].items()})
     os.makedirs(cfg['out_dir'], exist_ok=True)
-    with open(os.path.join(cfg['out_dir'], 'report.json'), 'w') as f:
-        json.dump(report, f, indent=1)
+    save_json(report, os.path.join(cfg['out_dir'], 'report.json'))
     print(json.dumps(line))
     if not report['ok']:
         sys.exit(1)

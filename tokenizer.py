@@ -5,13 +5,14 @@ Byte-level BPE tokenizer: Hugging Face files (tokenizer.json, or vocab.json + me
     ids = tok.encode('a red circle')                        # exactly transformers' ids
     tok.decode(ids), tok.chat_ids('a red circle', role='generate')
 """
-import json
 import os
 import re
 import unicodedata
 
 import numpy as np
 import tiktoken
+
+from common import read_json
 
 QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -54,14 +55,15 @@ class Tokenizer:
         self.nfc, self.files = nfc, list(files)
         self.pad_token_id = self.added.get(pad_token, vocab.get(pad_token))
         self.vocab_size = max([*vocab.values(), *self.added.values()]) + 1
+        self.ids = np.array(sorted({*self.id_to_bytes, *self.id_to_added}))  # every id with a token
 
     @classmethod
     def from_pretrained(cls, directory):
         path = lambda name: os.path.join(directory, name)
-        cfg = _read_json(path('tokenizer_config.json')) if os.path.exists(path('tokenizer_config.json')) else {}
+        cfg = read_json(path('tokenizer_config.json')) if os.path.exists(path('tokenizer_config.json')) else {}
         files = [path(f) for f in ('tokenizer.json', 'tokenizer_config.json') if os.path.exists(path(f))]
         if os.path.exists(path('tokenizer.json')):
-            j = _read_json(path('tokenizer.json'))
+            j = read_json(path('tokenizer.json'))
             model, pre, norm = j.get('model') or {}, j.get('pre_tokenizer') or {}, j.get('normalizer')
             if model.get('type') != 'BPE' or any(model.get(k) for k in (
                     'byte_fallback', 'ignore_merges', 'continuing_subword_prefix', 'end_of_word_suffix', 'dropout')):
@@ -79,7 +81,7 @@ class Tokenizer:
             vocab, added, nfc = model['vocab'], j.get('added_tokens', []), norm is not None
             merges = [tuple(m.split(' ')) if isinstance(m, str) else tuple(m) for m in model['merges']]
         elif os.path.exists(path('vocab.json')):  # as transformers' Qwen2Tokenizer reads these files
-            vocab, nfc, pattern = _read_json(path('vocab.json')), True, QWEN2_PATTERN
+            vocab, nfc, pattern = read_json(path('vocab.json')), True, QWEN2_PATTERN
             with open(path('merges.txt'), encoding='utf-8') as f:
                 merges = [tuple(line.split(' ')) for line in f.read().split('\n')
                           if line and not line.startswith('#version')]
@@ -124,8 +126,7 @@ class Tokenizer:
 
     def known(self, ids):
         """Which of ids (a 1-D int array) the tokenizer has a token for: (n,) bool."""
-        ids = np.asarray(ids)
-        return np.isin(ids, [*self.id_to_bytes, *self.id_to_added])
+        return np.isin(np.asarray(ids), self.ids)
 
     def chat_text(self, text, role='user', image=False):
         """Qwen2.5-VL's chat template for one message (its text, then an image) and the generation prompt."""
@@ -140,11 +141,3 @@ class Tokenizer:
             i = ids.index(self.added['<|image_pad|>'])
             ids = ids[:i] + ids[i:i + 1] * n_image_tokens + ids[i + 1:]
         return ids
-
-
-def _read_json(path):
-    try:
-        with open(path, encoding='utf-8') as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path} is not valid JSON: {e}') from None

@@ -105,6 +105,11 @@ def load_reward(cfg, device):
     return {m: load_embedder(m, cfg['reward_paths'].get(m), device) for m in cfg['reward'] if m not in SCENE_METRICS}
 
 
+def weighted_mean(weights, values):
+    """The reward as logged: the weighted mean of each metric's raw similarity (tensors or floats)."""
+    return sum(weights[k] * v for k, v in values.items()) / sum(weights.values())
+
+
 def reward(cfg, embedders, recon, originals, world_size, device):
     """The reward of every rollout of every rank (rank order) -> (rewards (N,), log dict).
 
@@ -122,7 +127,7 @@ def reward(cfg, embedders, recon, originals, world_size, device):
     if len(m) > 1:
         mixed[ok] = sum(w[k] * grpo.zscore(v[ok]) for k, v in m.items())
         mixed[~ok] = math.nan
-    raw = (sum(w[k] * v for k, v in m.items()) / sum(w.values()))[ok]
+    raw = weighted_mean(w, m)[ok]
     return mixed, dict(reward=raw.mean().item(), reward_std=raw.std().item(),
                        **{f'reward_{k}': v[ok].mean().item() for k, v in m.items() if len(m) > 1},
                        nonfinite_rewards=int((~ok).sum()))
@@ -296,7 +301,7 @@ def evaluate(cfg, enc, dit, codec, pooled, images, scenes=None, fixed_captions=N
         w = cfg['reward']
         means = {k: v.float().mean().item()
                  for k, v in similarities(list(w), embedders, recon, np.asarray(images)).items()}
-        return dict(reward=sum(w[k] * v for k, v in means.items()) / sum(w.values()),
+        return dict(reward=weighted_mean(w, means),
                     **{f'reward_{k}': v for k, v in means.items() if len(means) > 1},
                     caption_tokens=float(lengths.mean()), example=texts[0]), texts
     scores = [world.score(world.parse_image(r), s) for r, s in zip(recon, scenes)]

@@ -29,9 +29,8 @@ import model_decoder as D
 from checkpoint import (check_checkpoint, check_optimizer_files, check_run_dir, load_checkpoint,
                         optimizer_from_files, optimizer_to_files, save_checkpoint, skip_nonfinite,
                         truncate_log)
-from common import (autocast, check_state_dict, configure, keep_freed_memory, load_safetensors,
-                    require_fraction, require_positive, run, save_safetensors, setup_distributed,
-                    teardown_distributed)
+from common import (autocast, configure, keep_freed_memory, require_fraction, require_positive, run,
+                    save_safetensors, setup_distributed, teardown_distributed)
 from data.shapes import world
 from images import to_pil, to_pixels, to_uint8
 from model_encoder import Encoder
@@ -156,10 +155,7 @@ def build_decoder(cfg, device, train_images):
     if cfg['init_from']:
         dit = D.MMDiT.from_pretrained(os.path.join(cfg['init_from'], 'dit'), device=device)
         enc.projector.load_state_dict(Encoder.from_pretrained(os.path.join(cfg['init_from'], 'llm')).projector.state_dict())
-        path = os.path.join(cfg['init_from'], 'pooled.safetensors')
-        state = load_safetensors(path)
-        check_state_dict({'pooled': torch.empty(dit.config.pooled_projection_dim)}, state, path)
-        pooled = state['pooled']
+        pooled = D.load_pooled(os.path.join(cfg['init_from'], 'pooled.safetensors'), dit.config.pooled_projection_dim)
         codec = D.LinearCodec.load(os.path.join(cfg['init_from'], 'codec.safetensors'), device)
     else:
         path = cfg['arch'] or 'config/toy_decoder.json'
