@@ -7,6 +7,8 @@ world exactly (its parser).
     python bench.py --images DIR         # I2T2I over DIR (see bench_unibench for the options)
     python bench.py --generated DIR --reference DIR   # score existing reconstructions
     python bench.py --task reward        # the toy decoder from true captions, per detail level
+    python bench.py --task geneval       # Toy-GenEval: the decoder from prompts, by category
+    python bench.py --task understanding # the encoder's captions of the toy bench, per attribute
 
 Speed benchmarks are bench_speed.py.
 """
@@ -84,6 +86,7 @@ METRIC_PATHS = {'clip': 'a CLIPVisionModelWithProjection or CLIPModel directory'
                 'dinov2': 'a Dinov2Model directory', 'dinov3': 'a DINOv3ViTModel directory',
                 'longclip': "LongCLIP-L's .pt file"}
 REPO = os.path.dirname(os.path.abspath(__file__))
+BATCH_SIZE = 20  # images captioned together, one seed per batch: Unified-Bench and --task understanding share it
 TOY_BENCH = os.path.join(REPO, 'data', 'shapes', 'out', 'test')  # 0.png ... 99.png + scenes.jsonl
 
 
@@ -246,12 +249,24 @@ def progress(done, total, t0):
           end=end, file=sys.stderr, flush=True)
 
 
+def caption_batch(enc, images, cfg, k, device):
+    """(captions, Generation, generator) of batch k of a run: the batch's own seed and the sampling settings
+    of cfg. The one caption path of Unified-Bench (reconstruct draws next from the same generator) and of
+    --task understanding, which so reads the very captions the bench reconstructs from."""
+    from pipeline import caption
+    gen = torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + k)
+    with autocast(device, cfg['dtype']):
+        texts, out = caption(enc, images, cfg['temperature'], cfg['max_new_tokens'], generator=gen,
+                             top_k=cfg['top_k'], top_p=cfg['top_p'], repetition_penalty=cfg['repetition_penalty'])
+    return texts, out, gen
+
+
 def reconstruct(cfg, image_dir, names, out_dir, device):
     """I2T2I of every image of `names` not yet done in out_dir (check_run first). After each batch
     the reconstructions (recon_<stem>.png) and captions.jsonl are written atomically, so a rerun
     resumes where a crash stopped. Returns ({name: record}, {path: error} of unreadable images)."""
     from PIL import Image
-    from pipeline import caption, draw, load_uae
+    from pipeline import draw, load_uae
 
     def recon_name(n):  # 'a/0.jpg' -> 'a/recon_0.png'
         folder, base = posixpath.split(n)
@@ -289,10 +304,8 @@ def reconstruct(cfg, image_dir, names, out_dir, device):
                     finished += 1
         if not todo:
             continue
-        gen = torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + k)
+        texts, out, gen = caption_batch(enc, images, cfg, k, device)
         with autocast(device, cfg['dtype']):
-            texts, out = caption(enc, images, cfg['temperature'], cfg['max_new_tokens'], generator=gen,
-                                 top_k=cfg['top_k'], top_p=cfg['top_p'], repetition_penalty=cfg['repetition_penalty'])
             recon = draw(enc, dit, codec, pooled, texts, cfg['negative_prompt'], cfg['size'], cfg['steps'],
                          cfg['guidance'], cfg['shift'], gen)
         for n, text, pixels, length in zip(todo, texts, recon, out.mask.sum(1).tolist()):
@@ -359,6 +372,26 @@ def print_report(results, metrics, scene, truth_path, ref_dir, out_dir):
           f"contact sheet: {os.path.join(out_dir, 'contact_sheet.html')}")
 
 
+def toy_bench():
+    """The toy Unified-Bench's folder (100 test images and their scenes), made first if missing."""
+    if not os.path.exists(os.path.join(TOY_BENCH, 'scenes.jsonl')):
+        print('no toy test split yet: running data/shapes/prepare.py (~20 s)')
+        subprocess.run([sys.executable, os.path.join(REPO, 'data', 'shapes', 'prepare.py')], check=True, cwd=REPO)
+    return TOY_BENCH
+
+
+def label(cfg):
+    """The first column of a task's table row: --label, else which adapters the run uses."""
+    return cfg['label'] or '+'.join(k for k in ('llm_lora', 'dit_lora') if cfg[k]) or 'no adapters'
+
+
+def print_row(name, summary):
+    """A markdown table of one row, with its header: the model's name, then the summary's values."""
+    cell = lambda v: '-' if v is None else f'{v:.3f}' if isinstance(v, float) else str(v)  # noqa: E731
+    print(f"\n| model | {' | '.join(summary)} |\n|---|{'---:|' * len(summary)}\n"
+          f"| {name} | {' | '.join(cell(v) for v in summary.values())} |", flush=True)
+
+
 def bench_unibench(args):
     """Unified-Bench; returns the results dict it writes to out_dir/scores.json.
 
@@ -368,7 +401,7 @@ def bench_unibench(args):
     metrics: --metrics=clip,dinov2,dinov3,longclip,pixel,scene with --clip=PATH etc.; the default is
     every embedder given a path, or pixel,scene (which need no weights) when none is."""
     config = dict(images='', generated='', reference='', out_dir='', metrics='', clip='', dinov2='', dinov3='',
-                  longclip='', batch_size=20, device='auto', **UAE)
+                  longclip='', batch_size=BATCH_SIZE, device='auto', label='', **UAE)
     cfg = configure(config, args)
     from embedders import load_embedder
     device = pick_device(cfg['device'])
@@ -382,10 +415,7 @@ def bench_unibench(args):
             raise FileNotFoundError(f"the toy Unified-Bench needs the toy checkpoints; not found: "
                                     f"{', '.join(missing)}. Train them (see README), pass other paths, or score "
                                     f"existing images with --generated DIR --reference DIR")
-        if not os.path.exists(os.path.join(TOY_BENCH, 'scenes.jsonl')):
-            print('no toy test split yet: running data/shapes/prepare.py (~20 s)')
-            subprocess.run([sys.executable, os.path.join(REPO, 'data', 'shapes', 'prepare.py')], check=True, cwd=REPO)
-        cfg['images'] = TOY_BENCH
+        cfg['images'] = toy_bench()
 
     given = [m for m in METRIC_PATHS if cfg[m]]
     metrics = [m.strip() for m in cfg['metrics'].split(',') if m.strip()] or given or ['pixel', *SCENE_METRICS]
@@ -452,6 +482,11 @@ def bench_unibench(args):
     results.update(overall=sum(averages) / len(averages) if averages else None, models=models,
                    command=shlex.join(['python', 'bench.py', *args]), pairs=len(scores[metrics[0]]),
                    unmatched=unmatched, unreadable=unreadable, ignored=ignored, **result_extra)
+    # what a report reads: every metric's average under a plain name, then the overall and caption length
+    names = dict(scene='object_f1', scene_attributes='attribute_f1')
+    results['summary'] = {names.get(m, m): results[m]['average'] for m in metrics}
+    results['summary'].update(overall=results['overall'], caption_tokens=results.get('caption_tokens'),
+                              pairs=results['pairs'])
     os.makedirs(out_dir, exist_ok=True)
     save_json(results, os.path.join(out_dir, 'scores.json'))
     rows = [(key, ref, texts.get(key, ''), gen, {m: scores[m][key] for m in metrics})
@@ -459,12 +494,177 @@ def bench_unibench(args):
     html_sheet(rows, metrics, os.path.join(out_dir, 'contact_sheet.html'))
 
     print_report(results, metrics, scene, truth_path, ref_dir, out_dir)
+    print_row(label(cfg), results['summary'])
     if not results['pairs']:
         raise ValueError('no image pair could be scored: see the unmatched and unreadable files above')
     return results
 
 
-TASKS = {'reward': bench_reward, 'unibench': bench_unibench}
+# -----------------------------------------------------------------------------
+# task: geneval -- the decoder alone, from prompts, scored by category as GenEval
+
+def bench_geneval(args):
+    """Toy-GenEval: GenEval (Ghosh et al. 2023: does a text-to-image model draw what a prompt asks, one
+    category of request at a time) in the toy world, scored exactly by its parser.
+
+    Prompts: world.geneval_prompts, `--prompts` per category from a fixed stream of their own, each a
+    'named' caption without background, the language the decoder is trained on (world.captions):
+      single_object 'a circle.'                  two_object 'a circle and a square.'
+      counting      'a circle, a circle and a circle.' (2-4)   colors 'a red circle.'
+      position      'a circle in the top left and a square in the bottom right.' (absolute cells)
+      color_attr    'a red circle and a blue square.'
+    Each prompt is drawn `--samples` times, every image from its own starting noise (seeded by the
+    seed, category, prompt and sample). Prompts drawn together are right-padded to one length and the
+    decoder attends to the padding (as UAE's), so only prompts of one length share a batch: an image
+    is what draw() makes of its prompt alone, whatever --batch_size or the other prompts. An image passes when
+    world.satisfies(parse_image(image), parse_caption(prompt)): exactly the objects the prompt names,
+    each with every attribute it names ('a red circle.' fails on four red circles). A category's score
+    is its pass rate, `overall` the mean over the six categories, as GenEval's.
+    Writes out_dir/geneval.json ({'summary': {category: accuracy, overall, images}, 'items': [...]})
+    and out_dir/geneval.png (a row of images per category, in prompt order)."""
+    import numpy as np
+    import zlib
+    from PIL import Image
+    from data.shapes import world
+    from pipeline import draw, load_uae
+    cfg = configure(dict(out_dir=os.path.join('out', 'bench_geneval'), prompts=50, samples=1, batch_size=100,
+                         device='auto', label='', **UAE), args)
+    if cfg['prompts'] < 1 or cfg['samples'] < 1:
+        raise ValueError(f"--prompts={cfg['prompts']} and --samples={cfg['samples']} must be at least 1")
+    device = pick_device(cfg['device'])
+    enc, dit, codec, pooled = load_uae(cfg, device)
+    items = [dict(p, sample=j) for p in world.geneval_prompts(cfg['prompts']) for j in range(cfg['samples'])]
+    down = codec.factor if codec is not None else 1  # pixels per latent position
+    shape = (dit.config.in_channels, cfg['size'] // down, cfg['size'] // down)
+    by_length = {}  # prompt tokens in the decoder's template -> item indices
+    for n, it in enumerate(items):
+        by_length.setdefault(len(enc.get_tokenizer().chat_ids(it['prompt'], role='generate')), []).append(n)
+    images, done, t0 = [None] * len(items), 0, time.time()
+    for group in by_length.values():
+        for i in range(0, len(group), cfg['batch_size']):
+            batch = [items[n] for n in group[i:i + cfg['batch_size']]]
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(
+                f"{cfg['seed']}/{it['category']}/{it['index']}/{it['sample']}".encode()))) for it in batch])
+            with autocast(device, cfg['dtype']):
+                out = draw(enc, dit, codec, pooled, [it['prompt'] for it in batch], cfg['negative_prompt'],
+                           cfg['size'], cfg['steps'], cfg['guidance'], cfg['shift'], noise=noise.to(device))
+            for n, img in zip(group[i:i + cfg['batch_size']], out):
+                images[n] = img
+            done += len(batch)
+            progress(done, len(items), t0)
+    for it, img in zip(items, images):
+        parsed = world.parse_image(img)
+        it.update(passed=world.satisfies(parsed, world.parse_caption(it['prompt'])),
+                  objects=len(parsed['objects']), parsed=parsed)
+    summary = {c: float(np.mean([it['passed'] for it in items if it['category'] == c]))
+               for c in world.GENEVAL_CATEGORIES}
+    summary.update(overall=float(np.mean(list(summary.values()))), images=len(items))
+    settings = {k: cfg[k] for k in UAE_KEYS if k not in ('temperature', 'max_new_tokens', 'top_k', 'top_p',
+                                                         'repetition_penalty')}  # the captioner's: unused
+    os.makedirs(cfg['out_dir'], exist_ok=True)
+    command = shlex.join(['python', 'bench.py', '--task=geneval', *args])
+    save_json(dict(summary=summary, uae=settings, command=command, items=items),
+              os.path.join(cfg['out_dir'], 'geneval.json'))
+    # the contact sheet: one row per category, 2 px gaps
+    size, per_row = cfg['size'], cfg['prompts'] * cfg['samples']
+    sheet = np.full((len(world.GENEVAL_CATEGORIES) * (size + 2), per_row * (size + 2), 3), 255, np.uint8)
+    for n, img in enumerate(images):
+        r, c = divmod(n, per_row)
+        sheet[r * (size + 2):r * (size + 2) + size, c * (size + 2):c * (size + 2) + size] = img
+    atomic_write(os.path.join(cfg['out_dir'], 'geneval.png'),
+                 lambda tmp: Image.fromarray(sheet).save(tmp, format='PNG'))
+    print_row(label(cfg), summary)
+    print(f"results: {os.path.join(cfg['out_dir'], 'geneval.json')}")
+    return summary
+
+
+# -----------------------------------------------------------------------------
+# task: understanding -- the encoder alone: what its captions say, attribute by attribute
+
+def bench_understanding(args):
+    """The captions of Unified-Bench's images (the 100 toy test images, or --images DIR with a
+    scenes.jsonl), sampled exactly as Unified-Bench samples them (caption_batch: same batches, seeds and
+    settings), parsed (world.parse_caption) and checked against the true scenes.
+
+    Matching: world.match pairs each caption's objects one-to-one with the true objects, by cell first,
+    then greedily by the number of agreeing attributes. Counted over all images together:
+      {attr}_precision  of the attribute values the captions state (size, colour, cell may be left
+                        out; the shape never is), the fraction equal to their matched true object's;
+                        a stated value of an unmatched (extra) object counts as wrong. None when no
+                        caption states the attribute.
+      {attr}_recall     of the true objects, the fraction whose matched object states that attribute
+                        correctly.
+      object_precision, object_recall   the same for whole objects: all four attributes stated and right.
+      background_accuracy  the fraction of captions naming the right background (unnamed = wrong).
+      count_accuracy    the fraction of captions naming exactly as many objects as the image holds.
+      caption_tokens    mean caption length in tokens (end-of-sequence token included, as Unified-Bench).
+    Writes out_dir/understanding.json ({'summary': {...}, 'items': [...]})."""
+    from data.shapes import world
+    from pipeline import load_uae
+    cfg = configure(dict(images='', limit=0, out_dir=os.path.join('out', 'bench_understanding'),
+                         batch_size=BATCH_SIZE, device='auto', label='', **UAE), args)
+    image_dir = cfg['images'] or toy_bench()
+    names = list_images(image_dir)[0][:cfg['limit'] or None]
+    truths, path = scene_truths(image_dir, names)
+    if not names or len(truths) < len(names):
+        raise ValueError(f'{image_dir}: the understanding task needs images 0.png, 1.png, ... and their '
+                         f"scenes in scenes.jsonl (prepare.py's test split); found {len(names)} images, "
+                         f'{len(truths)} scenes')
+    device = pick_device(cfg['device'])
+    enc = load_uae(cfg, device)[0]
+    items, t0 = [], time.time()
+    for k, batch in enumerate(names[i:i + cfg['batch_size']] for i in range(0, len(names), cfg['batch_size'])):
+        texts, out, _ = caption_batch(enc, [load_image(os.path.join(image_dir, n)) for n in batch], cfg, k, device)
+        lengths = out.mask.sum(1).tolist()
+        items += [dict(image=n, caption=t, tokens=int(m)) for n, t, m in zip(batch, texts, lengths)]
+        progress(len(items), len(names), t0)
+    for it in items:
+        it.update(caption_counts(world.parse_caption(it['caption']), truths[it['image']]))
+    summary = understanding_summary(items)
+    os.makedirs(cfg['out_dir'], exist_ok=True)
+    save_json(dict(summary=summary, uae={k: cfg[k] for k in UAE_KEYS}, truth=path,
+                   command=shlex.join(['python', 'bench.py', '--task=understanding', *args]), items=items),
+              os.path.join(cfg['out_dir'], 'understanding.json'))
+    print_row(label(cfg), summary)
+    print(f"results: {os.path.join(cfg['out_dir'], 'understanding.json')}")
+    return summary
+
+
+def caption_counts(pred, true):
+    """The counts behind bench_understanding's metrics for one caption (parsed) and its true scene."""
+    from data.shapes import world
+    P = pred['objects']
+    T = [dict(o, cell=tuple(o['cell'])) for o in true['objects']]  # JSON gives lists
+    pairs = world.match(pred, dict(true, objects=T))
+    right = lambda i, j, a: P[i][a] is not None and P[i][a] == T[j][a]  # noqa: E731
+    exact = sum(all(right(i, j, a) for a in world.ATTRS) for i, j in pairs)
+    counts = dict(named=len(P), true=len(T), exact=exact,
+                  background=int(pred['background'] == true['background']), count=int(len(P) == len(T)))
+    for a in world.ATTRS:
+        counts[f'{a}_stated'] = sum(o[a] is not None for o in P)
+        counts[f'{a}_right'] = sum(right(i, j, a) for i, j in pairs)
+    return counts
+
+
+def understanding_summary(items):
+    """{metric: value} from the items' caption_counts, pooled over all items (see bench_understanding)."""
+    from data.shapes import world
+    total = lambda key: sum(it[key] for it in items)  # noqa: E731
+    ratio = lambda a, b: a / b if b else None  # noqa: E731
+    summary = {}
+    for a in world.ATTRS:
+        summary[f'{a}_precision'] = ratio(total(f'{a}_right'), total(f'{a}_stated'))
+        summary[f'{a}_recall'] = ratio(total(f'{a}_right'), total('true'))
+    n = len(items)
+    summary.update(object_precision=ratio(total('exact'), total('named')),
+                   object_recall=ratio(total('exact'), total('true')),
+                   background_accuracy=ratio(total('background'), n), count_accuracy=ratio(total('count'), n),
+                   caption_tokens=ratio(total('tokens'), n), images=n)
+    return summary
+
+
+TASKS = {'reward': bench_reward, 'unibench': bench_unibench, 'geneval': bench_geneval,
+         'understanding': bench_understanding}
 
 def main(args):
     task = 'unibench'

@@ -233,3 +233,152 @@ def test_images_mode_saves_scores_and_resumes(tmp_path, tiny_uae):
             bench_unibench(args)
     finally:
         os.utime(pooled, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+# -----------------------------------------------------------------------------
+# Toy-GenEval (--task geneval) and understanding (--task understanding)
+
+def obj(shape, color='red', size='large', cell=(0, 0)):
+    return dict(shape=shape, color=color, size=size, cell=cell)
+
+
+def passes(prompt, *objects):
+    """world.satisfies on the parse of a rendered scene (what the bench does with a generated image)."""
+    img = world.render({'background': 'black', 'objects': list(objects)})
+    return world.satisfies(world.parse_image(img), world.parse_caption(prompt))
+
+
+def test_geneval_pass_rules_on_rendered_scenes():
+    assert passes('a circle.', obj('circle', 'green', 'small', (1, 2)))
+    assert not passes('a circle.', obj('circle'), obj('square', cell=(2, 2)))  # an extra object
+    assert not passes('a red circle.', *[obj('circle', cell=(r, 2 * c)) for r in (0, 2) for c in (0, 1)])  # four
+    assert not passes('a red circle.', obj('circle', 'green'))
+    # colour attribution: each binding must hold, in either order of the objects
+    assert passes('a red circle and a blue square.', obj('square', 'blue'), obj('circle', 'red', cell=(2, 1)))
+    assert not passes('a red circle and a blue square.', obj('circle', 'blue'), obj('square', 'red', cell=(2, 1)))
+    assert not passes('a circle and a square.', obj('circle'), obj('circle', cell=(1, 1)))
+    three = 'a circle, a circle and a circle.'
+    assert passes(three, *[obj('circle', cell=(r, 1)) for r in range(3)])
+    assert not passes(three, *[obj('circle', cell=(r, 1)) for r in range(2)])
+    assert not passes(three, *[obj('circle', cell=(r, 1)) for r in range(3)], obj('circle', cell=(0, 0)))
+    where = 'a circle in the top left and a square in the bottom right.'
+    assert passes(where, obj('circle', 'white', 'small', (0, 0)), obj('square', 'blue', cell=(2, 2)))
+    assert not passes(where, obj('square', cell=(0, 0)), obj('circle', cell=(2, 2)))
+
+
+def test_geneval_prompts_are_named_captions_of_each_category():
+    prompts = world.geneval_prompts(20)
+    assert prompts == world.geneval_prompts(20)  # a fixed stream
+    # each category from its own stream: fewer prompts are a prefix, whatever the other categories
+    short = world.geneval_prompts(5)
+    assert short == [p for p in prompts if p['index'] < 5]
+    for p in prompts:
+        attrs, _ = world.GENEVAL_CATEGORIES[p['category']]
+        spec = world.parse_caption(p['prompt'])
+        objects = spec['objects']
+        assert spec['background'] is None
+        assert all((o[a] is not None) == (a in attrs) for o in objects for a in world.ATTRS), p
+        n = len(objects)
+        shapes, colors = {o['shape'] for o in objects}, {o['color'] for o in objects}
+        if p['category'] in ('single_object', 'colors'):
+            assert n == 1
+        elif p['category'] == 'counting':
+            assert 2 <= n <= 4 and len(shapes) == 1
+        else:
+            assert n == 2 and len(shapes) == 2
+            assert p['category'] != 'color_attr' or len(colors) == 2
+        if p['category'] == 'position':  # in reading order of the cells, as caption() writes them
+            assert objects[0]['cell'] < objects[1]['cell']
+    assert [p['prompt'] for p in prompts if p['category'] == 'counting'][:3] == [
+        'a triangle and a triangle.', 'a plus, a plus, a plus and a plus.', 'a circle, a circle and a circle.']
+
+
+def test_understanding_precision_and_recall_on_hand_made_captions():
+    from bench import caption_counts, understanding_summary
+    true = {'background': 'black', 'objects': [obj('circle', 'red', 'large', [0, 0]),  # cells as JSON gives them
+                                               obj('plus', 'blue', 'small', [1, 1])]}
+    captions = [
+        'a black background with a large red circle in the top left and a small blue plus in the center.',
+        'a red circle and a green plus.',            # colours: 2 stated, 1 right; no size, no cell
+        'a red circle, a blue plus and a red square.',  # an extra object: its shape and colour are wrong
+    ]
+    items = [dict(caption_counts(world.parse_caption(c), true), tokens=10) for c in captions]
+    one = {'background': 'gray', 'objects': [obj('circle', 'red', 'large', [2, 2])]}
+    items.append(dict(caption_counts(world.parse_caption('a red circle.'), one), tokens=4))
+    assert understanding_summary(items[:1]) == dict(
+        size_precision=1.0, size_recall=1.0, color_precision=1.0, color_recall=1.0, shape_precision=1.0,
+        shape_recall=1.0, cell_precision=1.0, cell_recall=1.0, object_precision=1.0, object_recall=1.0,
+        background_accuracy=1.0, count_accuracy=1.0, caption_tokens=10.0, images=1)
+    s = understanding_summary(items[1:2])
+    assert (s['color_precision'], s['color_recall']) == (0.5, 0.5)
+    assert (s['size_precision'], s['size_recall']) == (None, 0.0)  # never stated: no precision to speak of
+    assert (s['shape_precision'], s['shape_recall'], s['cell_recall']) == (1.0, 1.0, 0.0)
+    assert (s['object_precision'], s['object_recall'], s['background_accuracy'], s['count_accuracy']) == (0, 0, 0, 1)
+    s = understanding_summary(items[2:3])
+    assert (s['shape_precision'], s['shape_recall']) == (2 / 3, 1.0)
+    assert (s['color_precision'], s['color_recall'], s['count_accuracy']) == (2 / 3, 1.0, 0.0)
+    # pooled over the captions (not a mean of per-caption ratios)
+    s = understanding_summary(items)
+    assert s['color_precision'] == (2 + 1 + 2 + 1) / (2 + 2 + 3 + 1) and s['color_recall'] == (2 + 1 + 2 + 1) / 7
+    assert s['size_precision'] == 1.0 and s['size_recall'] == 2 / 7 and s['images'] == 4
+    assert s['caption_tokens'] == 34 / 4 and s['count_accuracy'] == 3 / 4 and s['background_accuracy'] == 1 / 4
+
+
+TOY = [f'--{k}={os.path.join(REPO, "checkpoints", "toy", v)}' for k, v in
+       (('llm', 'llm'), ('dit', 'dit'), ('vae', 'codec.safetensors'), ('pooled', 'pooled.safetensors'))]
+ADAPTERS = [f'--{k}={os.path.join(REPO, "checkpoints", "toy", k)}' for k in ('llm_lora', 'dit_lora')]
+
+
+def test_geneval_end_to_end_on_the_toy_checkpoints(tmp_path, capsys, one_thread):
+    from bench import bench_geneval
+    args = [*TOY, '--prompts=2', '--steps=3', '--device=cpu']
+    summary = bench_geneval(args + [f'--out_dir={tmp_path / "a"}'])
+    res = json.loads((tmp_path / 'a' / 'geneval.json').read_text())
+    assert res['summary'] == summary and list(summary) == [*world.GENEVAL_CATEGORIES, 'overall', 'images']
+    assert summary['images'] == len(res['items']) == 12
+    assert summary['overall'] == pytest.approx(np.mean([summary[c] for c in world.GENEVAL_CATEGORIES]))
+    sheet = np.asarray(Image.open(tmp_path / 'a' / 'geneval.png'))
+    for n, it in enumerate(res['items']):  # the sheet holds the images scored, one row per category
+        r, c = divmod(n, 2)
+        img = sheet[r * 50:r * 50 + 48, c * 50:c * 50 + 48]
+        parsed = world.parse_image(img)
+        assert json.loads(json.dumps(parsed)) == it['parsed']
+        assert it['passed'] == world.satisfies(parsed, world.parse_caption(it['prompt']))
+        same = [i['passed'] for i in res['items'] if i['category'] == it['category']]
+        assert summary[it['category']] == np.mean(same)
+    assert re.search(r'\| no adapters \| [\d.]+ \|', capsys.readouterr().out)
+    # the adapters change what is drawn (the LLM's LoRA conditions the decoder too); the batch size does not
+    bench_geneval(args + ADAPTERS + [f'--out_dir={tmp_path / "b"}'])
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / 'b' / 'geneval.png')), sheet)
+    bench_geneval(args + ['--batch_size=1', f'--out_dir={tmp_path / "c"}'])
+    assert np.abs(np.asarray(Image.open(tmp_path / 'c' / 'geneval.png')).astype(int) - sheet).max() <= 1
+
+
+def test_understanding_reads_the_captions_of_unibench(tmp_path, capsys, one_thread):
+    """On a few rendered scenes: --task understanding samples exactly Unified-Bench's captions, and the
+    bench's scores.json has the flat summary a report reads."""
+    from bench import bench_understanding
+    images = tmp_path / 'images'
+    images.mkdir()
+    scenes = [scene(i) for i in range(3)]
+    for i, s in enumerate(scenes):
+        save(s, images / f'{i}.png')
+    with pytest.raises(ValueError, match='needs images 0.png, 1.png, ... and their scenes'):
+        bench_understanding([f'--images={images}', *TOY])
+    (images / 'scenes.jsonl').write_text(''.join(json.dumps({'scene': s}) + '\n' for s in scenes))
+    common = [f'--images={images}', *TOY, '--device=cpu']  # no G4U adapter: its captions hardly vary with the seed
+    res = bench_unibench(common + ['--steps=2', f'--out_dir={tmp_path / "unibench"}'])
+    assert res['summary'] == dict(pixel=res['pixel']['average'], object_f1=res['scene']['average'],
+                                  attribute_f1=res['scene_attributes']['average'], overall=res['overall'],
+                                  caption_tokens=res['caption_tokens'], pairs=3)
+    summary = bench_understanding(common + [f'--out_dir={tmp_path / "understanding"}'])
+    items = json.loads((tmp_path / 'understanding' / 'understanding.json').read_text())['items']
+    recs = [json.loads(line) for line in (tmp_path / 'unibench' / 'captions.jsonl').read_text().splitlines()]
+    key = lambda r: (r['image'], r['caption'], r['tokens'])  # noqa: E731
+    assert list(map(key, items)) == list(map(key, recs))
+    assert summary['caption_tokens'] == res['caption_tokens'] and summary['images'] == 3
+    for it, s in zip(items, scenes):
+        for a in world.ATTRS:  # the counts are those of the caption against its scene
+            assert it[f'{a}_stated'] == sum(o[a] is not None for o in world.parse_caption(it['caption'])['objects'])
+        assert it['true'] == len(s['objects'])
+    assert 'object_precision' in capsys.readouterr().out

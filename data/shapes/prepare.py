@@ -59,6 +59,9 @@ TEMPLATE_TEXTS = (
 )
 TOKENIZER_SEED = 20250911  # the corpus stream: fixed, independent of --seed
 TOKENIZER_SCENES = 5000
+# the levels the vocabulary was trained on; 'named' came later, uses the same words, and is left out so
+# that the shipped vocabulary (and every checkpoint indexing into it) stays as it was
+TOKENIZER_LEVELS = ('one', 'short', 'some', 'complete')
 MAX_VOCAB = 1024  # a cap: training stops earlier, once every word of the corpus is one token
 
 
@@ -69,7 +72,8 @@ def train_tokenizer():
     rng = np.random.default_rng(TOKENIZER_SEED)
     corpus = []
     for _ in range(TOKENIZER_SCENES):
-        corpus += world.captions(world.sample_scene(rng), rng).values()
+        texts = world.captions(world.sample_scene(rng), rng)
+        corpus += [texts[level] for level in TOKENIZER_LEVELS]
     corpus += list(TEMPLATE_TEXTS) * TOKENIZER_SCENES  # as often as they occur in training
     tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix='', end_of_word_suffix='',
                                fuse_unk=False, byte_fallback=False))

@@ -15,9 +15,11 @@ from a square even on clean images. Rendering is crisp (no antialiasing) so pars
 is exact. Vocabulary = the dicts below; edit them to change the world (colour names must stay
 far apart in RGB, see parse_image).
 """
+import itertools
 import json
 import os
 import re
+import zlib
 
 import numpy as np
 
@@ -127,7 +129,7 @@ def caption(scene, objects=None, attrs=ATTRS, background=True):
     return listing + '.'
 
 
-CAPTION_LEVELS = ('one', 'short', 'some', 'complete')  # from terse to complete
+CAPTION_LEVELS = ('one', 'short', 'some', 'named', 'complete')  # from terse to complete
 
 
 def captions(scene, rng):
@@ -136,15 +138,24 @@ def captions(scene, rng):
       short    every object, colour and shape                  'a red circle and a blue plus.'
       some     a random non-empty subset of the objects with a random subset of size / colour /
                position, background with probability 1/2
+      named    every object, with a random subset of size / colour / position (the same for all
+               objects) and the background with probability 1/2: 'a circle and a square.' still
+               means exactly two objects. The decoder learns from it to draw what a prompt leaves
+               open and nothing it does not name (the toy GenEval's prompts are such captions)
       complete every object with every attribute, and the background
+    'named' draws from its own generator, seeded by the scene, so adding it left the other levels,
+    and every scene drawn after them from `rng`, as they were.
     """
     n = len(scene['objects'])
     subset = np.sort(rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False)).tolist()
     attrs = [a for a in ('size', 'color', 'cell') if rng.random() < 0.5] + ['shape']
+    own = np.random.default_rng(zlib.crc32(scene_key(scene).encode()))
+    named_attrs = [a for a in ('size', 'color', 'cell') if own.random() < 0.5] + ['shape']
     return {
         'one': caption(scene, [int(rng.integers(n))], ('color', 'shape'), background=False),
         'short': caption(scene, None, ('color', 'shape'), background=False),
         'some': caption(scene, subset, attrs, background=bool(rng.random() < 0.5)),
+        'named': caption(scene, None, named_attrs, background=bool(own.random() < 0.5)),
         'complete': caption(scene),
     }
 
@@ -331,3 +342,56 @@ def load_split(directory):
     if len(images) != len(records) or images.shape[1:] != (IMAGE, IMAGE, 3):
         raise ValueError(f'{directory}: {len(records)} scenes but images of shape {images.shape}')
     return images, records
+
+# -----------------------------------------------------------------------------
+# prompts for the toy GenEval (bench.py --task geneval)
+
+# GenEval's six categories (Ghosh et al. 2023), each a kind of 'named' caption (captions() above) without
+# background: the decoder is trained on exactly this language
+GENEVAL_CATEGORIES = {  # category: (the attributes a prompt names, its example)
+    'single_object': (('shape',), 'a circle.'),
+    'two_object': (('shape',), 'a circle and a square.'),  # two different shapes
+    'counting': (('shape',), 'a circle, a circle and a circle.'),  # 2, 3 or 4 of one shape
+    'colors': (('color', 'shape'), 'a red circle.'),
+    'position': (('shape', 'cell'), 'a circle in the top left and a square in the bottom right.'),
+    'color_attr': (('color', 'shape'), 'a red circle and a blue square.'),  # two colours, two shapes
+}
+GENEVAL_SEED = 20251001  # the prompts' own stream, apart from prepare.py's scenes
+
+
+def geneval_prompts(per_category, seed=GENEVAL_SEED):
+    """[{'category', 'index', 'prompt'}], per_category prompts of each category. Each is caption() of a
+    random scene, naming only the category's attributes, so objects come in reading order of their
+    (unnamed) cells, as in the training captions. Every category draws from its own generator: its
+    first k prompts are the same whatever per_category or the other categories are."""
+    prompts = []
+    for k, (category, (attrs, _)) in enumerate(GENEVAL_CATEGORIES.items()):
+        rng = np.random.default_rng([seed, k])
+        for i in range(per_category):
+            n = {'single_object': 1, 'colors': 1, 'counting': int(rng.integers(2, 5))}.get(category, 2)
+            scene = sample_scene(rng, n, n)
+            if category == 'counting':
+                for o in scene['objects']:
+                    o['shape'] = scene['objects'][0]['shape']
+            if category in ('two_object', 'position', 'color_attr'):  # two different shapes ...
+                for o, shape in zip(scene['objects'], rng.choice(SHAPES, 2, replace=False)):
+                    o['shape'] = str(shape)
+            if category == 'color_attr':  # ... and two different colours
+                for o, color in zip(scene['objects'], rng.choice(list(COLORS), 2, replace=False)):
+                    o['color'] = str(color)
+            prompts.append({'category': category, 'index': i,
+                            'prompt': caption(scene, None, attrs, background=False)})
+    return prompts
+
+
+def satisfies(scene, spec):
+    """Does a scene (parse_image of a generated image) show what spec (parse_caption of its prompt) says?
+    Exactly as many objects as the spec names, and a one-to-one pairing in which every attribute the
+    spec names (not None) holds: 'a red circle.' fails on two red circles, 'a red circle and a blue
+    square.' fails on a blue circle and a red square. The background is checked only when named.
+    All pairings are tried (at most 4! = 24), so the answer does not depend on any order."""
+    S, O = spec['objects'], scene['objects']
+    if len(S) != len(O) or spec['background'] not in (None, scene['background']):
+        return False
+    return any(all(_same(a, s[a], o[a]) for s, o in zip(S, perm) for a in ATTRS if s[a] is not None)
+               for perm in itertools.permutations(O))
