@@ -40,6 +40,8 @@ CAPTION_PROMPT = ('You are an expert vision-language model.  \nYour task is: Giv
                   '**textual description** of the image. If there is text in the image, transcribe it inside '
                   'double quotes "".  \nNow, carefully analyze the input image and output the full description. ')
 NEGATIVE_PROMPT = 'Generate a random, low quality, ugly, blur, bad and anime, cartoon image.'
+# token_logprobs makes at most this many logits at once (in fp32: 32 MB; 55 positions of Qwen's 151,936)
+LOGITS_CHUNK = 2 ** 23
 
 
 # config.json names: top-level, text (top-level in old files, text_config in new ones), vision_config
@@ -352,10 +354,14 @@ class Encoder(nn.Module):
         positions, nxt = self.rope_positions(input_ids, attention_mask, image_grid_thw)
         return self.model.language_model(x, positions, attention_mask.bool(), cache, num_layers=num_layers), nxt
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, num_logits=None):
-        """Logits (B, L, vocab), or of the last num_logits positions only (memory: the vocabulary is large)."""
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, num_logits=None,
+                head=None):
+        """Logits (B, L, vocab), or of the last num_logits positions only (memory: the vocabulary is large).
+        head: a function of those hidden states to return instead of lm_head's logits (token_logprobs':
+        it runs inside forward, where DDP and FSDP expect the weights to be used)."""
         h, _ = self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw)
-        return self.lm_head(h if num_logits is None else h[:, -num_logits:])
+        h = h if num_logits is None else h[:, -num_logits:]
+        return self.lm_head(h) if head is None else head(h)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, max_new_tokens=64,
                  temperature=1.0, top_k=0, top_p=1.0, greedy=False, eos_token_id=None, pad_token_id=None,
@@ -517,22 +523,44 @@ class Encoder(nn.Module):
         """log p(tokens | prompt batch) under logits / temperature, (B, T), 0 where mask is False: the
         policy's log-probs for GRPO (equal to generate()'s for the tokens it sampled) and the SFT likelihood.
         With entropy=True also the entropy (B, T) of each position's distribution (an RL diagnostic).
-        suppress_tokens: as in generate(), so that both see the same distribution."""
+        suppress_tokens: as in generate(), so that both see the same distribution.
+
+        The logits are 151,936 wide for Qwen: all of them at once, with their fp32 copies and gradient,
+        cost ~36 B per vocabulary entry and caption token (22 GB for 8 captions of 512 tokens). So they are
+        made LOGITS_CHUNK values at a time, for the masked-in tokens only, each chunk checkpointed: its
+        logits are made again in the backward instead of being kept."""
         ids = torch.cat([batch['input_ids'], tokens], 1)
         attention_mask = torch.cat([batch['attention_mask'].bool(), mask.bool()], 1)
-        T = tokens.shape[1]
-        logits = self(ids, attention_mask, batch.get('pixel_values'), batch.get('image_grid_thw'), num_logits=T + 1)
-        logits = logits[:, :-1].float() / temperature  # position t predicts token t + 1
-        if suppress_tokens:
-            logits[..., suppress_tokens] = -math.inf
+        mask = mask.bool()
+        suppress = torch.as_tensor(suppress_tokens or [], dtype=torch.long, device=tokens.device)
+        rows = max(1, LOGITS_CHUNK // self.config.vocab_size)
+
+        def head(h):  # h (B, T + 1, hidden): position t predicts token t + 1
+            h, targets = h[:, :-1][mask], tokens[mask]  # (N, hidden), (N,)
+            parts = []
+            for hc, tc in zip(h.split(rows), targets.split(rows)):  # one empty chunk when N = 0
+                args = (hc, tc, temperature, suppress, entropy)
+                parts.append(checkpoint(self._chunk_logprobs, *args, use_reentrant=False)
+                             if torch.is_grad_enabled() else self._chunk_logprobs(*args))
+            zeros = torch.zeros(mask.shape, device=h.device)
+            return [zeros.masked_scatter(mask, torch.cat(p)) for p in zip(*parts)]
+
+        out = self(ids, attention_mask, batch.get('pixel_values'), batch.get('image_grid_thw'),
+                   num_logits=tokens.shape[1] + 1, head=head)
+        return tuple(out) if entropy else out[0]
+
+    def _chunk_logprobs(self, h, targets, temperature, suppress, entropy):
+        """(log-probs (n,) of targets, and entropies (n,) if entropy) under lm_head(h) / temperature, h (n, hidden)."""
+        logits = self.lm_head(h).float() / temperature
+        if len(suppress):
+            logits[:, suppress] = -math.inf
         lse = logits.logsumexp(-1)
-        logp = (logits.gather(-1, tokens[..., None])[..., 0] - lse).masked_fill(~mask.bool(), 0.0)
+        logp = logits.gather(-1, targets[:, None])[:, 0] - lse
         if not entropy:
-            return logp
+            return (logp,)
         with torch.no_grad():
             p = logits.softmax(-1)
-            ent = (lse - (p * logits.masked_fill(p == 0, 0.0)).sum(-1)).masked_fill(~mask.bool(), 0.0)
-        return logp, ent
+            return logp, lse - (p * logits.masked_fill(p == 0, 0.0)).sum(-1)
 
     # --- checkpoints --------------------------------------------------------------------------------
 
@@ -546,17 +574,34 @@ class Encoder(nn.Module):
             return 'model.language_model.' + key[len('model.'):]
         return key
 
-    def load_weights(self, state, source):
-        """Strictly load a full state dict (any key layout); every bad key is named."""
-        state = {self.canonical_key(k): v for k, v in state.items()}
+    def load_weights(self, state, source, assign=False, device=None):
+        """Strictly load a full state dict (any key layout); every bad key is named. assign: the model
+        takes the given tensors (cast to the dtype of the tensor each replaces, moved to `device` or to
+        that tensor's device) instead of copying them into its own, so the weights are held once, not
+        twice; from_pretrained builds the model on the meta device and assigns. It takes them out of
+        `state` too, so that the caller holds no original of a cast tensor (the pages of a memory-mapped
+        file are let go with its last tensor)."""
+        state = {self.canonical_key(k): state.pop(k) if assign else state[k] for k in list(state)}
         embed = 'model.language_model.embed_tokens.weight'
-        if self.config.tie_word_embeddings and embed in state:
+        tied = self.config.tie_word_embeddings and embed in state
+        if tied:
             # tied: a saved lm_head (a PyTorch state_dict keeps both names) must be the embedding itself
             if 'lm_head.weight' in state and not torch.equal(state['lm_head.weight'], state[embed]):
                 raise ValueError(f'cannot load {source}: tie_word_embeddings is set but lm_head.weight differs')
             state['lm_head.weight'] = state[embed]
-        check_state_dict(self.state_dict(), state, source)
-        self.load_state_dict(state, strict=True)
+        own = self.state_dict()
+        check_state_dict(own, state, source)  # before any cast: an integer file is refused
+        if not assign:
+            self.load_state_dict(state, strict=True)
+            return
+        for k in state:  # one tensor at a time: a cast copy replaces its original in the dict
+            if not (tied and k == 'lm_head.weight'):
+                state[k] = state[k].to(device or own[k].device, own[k].dtype)
+        if tied:
+            state['lm_head.weight'] = state[embed]
+        self.load_state_dict(state, strict=True, assign=True)
+        if self.config.tie_word_embeddings:  # assign wraps each name in a Parameter of its own: one again
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     @classmethod
     def from_pretrained(cls, directory, dtype=torch.float32, device='cpu', processor=''):
@@ -573,12 +618,9 @@ class Encoder(nn.Module):
         if 'projector.0.weight' in state and 'projector.2.weight' in state:  # UAE `llm`: sizes from the weights
             config.projector_hidden_size = state['projector.0.weight'].shape[0]
             config.projector_out_size = state['projector.2.weight'].shape[0]
-        with torch.device('meta'):  # no random init of weights that are loaded next
+        with torch.device('meta'):  # no memory and no random init for weights that are loaded next
             model = cls(config).to(dtype)
-        model = model.to_empty(device=device)
-        if config.tie_word_embeddings:  # to_empty gives each name its own storage: tie them again
-            model.lm_head.weight = model.model.language_model.embed_tokens.weight
-        model.load_weights(state, directory)
+        model.load_weights(state, directory, assign=True, device=device)
         model.tokenizer_dirs = [d for d in dict.fromkeys((processor, directory)) if d]
         found = lambda *names: next((os.path.join(d, n) for d in model.tokenizer_dirs for n in names
                                      if os.path.exists(os.path.join(d, n))), None)
@@ -616,7 +658,7 @@ class Encoder(nn.Module):
             r = max(ranks.values())
             apply_lora(self, sorted(ranks), r, alpha,
                        rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r})
-        self.load_weights(state, directory)
+        self.load_weights(state, directory, assign=True)
 
     def save_pretrained(self, directory):
         """config.json + model.safetensors that this class and transformers both load (LoRA: lora.save_peft)."""

@@ -124,6 +124,53 @@ def test_sampled_logprobs_equal_full_forward():
         assert torch.equal(sample_logits(logits, 1.3, **kw)[0], logits.argmax(-1))
 
 
+def whole_logits_logprobs(enc, batch, tokens, mask, temperature, suppress):
+    """token_logprobs and its entropy computed the plain way: every (B, T, vocab) logit at once."""
+    ids = torch.cat([batch['input_ids'], tokens], 1)
+    full_mask = torch.cat([batch['attention_mask'].bool(), mask], 1)
+    logits = enc(ids, full_mask, batch['pixel_values'], batch['image_grid_thw'])[:, -tokens.shape[1] - 1:-1]
+    logits = logits.float() / temperature
+    logits[..., suppress] = -float('inf')
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0].masked_fill(~mask, 0.0)
+    p = logits.softmax(-1)
+    ent = -(p * torch.log_softmax(logits, -1).masked_fill(p == 0, 0.0)).sum(-1).masked_fill(~mask, 0.0)
+    return logp, ent.detach()
+
+
+@pytest.mark.parametrize('rows', [2, 1000])
+def test_chunked_logprobs_and_gradients_equal_whole_logits(monkeypatch, rows):
+    """token_logprobs makes the logits a chunk of positions at a time, checkpointed: the log-probs, the
+    entropies and the gradient of every parameter (tied embedding included) equal the plain computation's."""
+    import model_encoder
+    monkeypatch.setattr(model_encoder, 'LOGITS_CHUNK', rows * 300)
+    ours, _ = make_pair(tied=True)
+    batch = make_batch(sides=('left', 'left', 'left'))
+    tokens = torch.randint(0, 280, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.arange(9) < torch.tensor([9, 4, 0])[:, None]  # row 1 stopped early, row 2 at once
+    suppress, weights = [IMG, VS, VE, 7, 8], torch.randn(3, 9, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for chunked in (True, False):
+        ours.zero_grad()
+        if chunked:
+            logp, ent = ours.token_logprobs(batch, tokens, mask, 0.7, True, suppress)
+        else:
+            logp, ent = whole_logits_logprobs(ours, batch, tokens, mask, 0.7, suppress)
+        (logp * weights).sum().backward()
+        grads.append(({n: p.grad.clone() for n, p in ours.named_parameters()}, logp.detach(), ent))
+    (got, logp, ent), (want, logp_ref, ent_ref) = grads
+    torch.testing.assert_close(logp, logp_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, ent_ref, rtol=0, atol=1e-5)
+    assert (logp[~mask] == 0).all() and (logp[mask] < 0).all() and (ent[mask] > 0).all()
+    assert want.keys() == got.keys() and len(want) > 40
+    for n in want:
+        scale = want[n].abs().max()
+        assert (got[n] - want[n]).abs().max() <= 1e-5 * max(scale, 1), n
+    assert want['model.language_model.embed_tokens.weight'].abs().max() > 1e-2  # tied: the lm_head's too
+    with torch.no_grad():  # without a graph too, and the log-probs alone
+        torch.testing.assert_close(ours.token_logprobs(batch, tokens, mask, 0.7, suppress_tokens=suppress), logp,
+                                   rtol=0, atol=1e-5)
+
+
 def test_embed_prompt_matches_official_padding(tmp_path):
     """UAE pads positive and negative prompts on the right with the pad token, mask = ids != pad; transformers
     4.x (which UAE ran) gave padding position 1. Compare every position, padding included."""
@@ -254,6 +301,36 @@ def test_checkpoints_round_trip_with_transformers(tmp_path, tied):
             save_file({k: state[k].contiguous() for k in keys if shards[k] == name}, str(old / name))
         (old / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': shards}))
         assert torch.equal(Encoder.from_pretrained(str(old))(**batch), want)
+
+
+def test_loading_assigns_in_the_asked_dtype(tmp_path):
+    """from_pretrained builds on the meta device and takes the file's tensors (cast): an fp32 file loads as
+    bf16, tied weights stay one tensor; load_llm_lora then replaces the weights and keeps each tensor's
+    dtype (bf16 base, fp32 LoRA) and whether it trains."""
+    from lora import lora_parameters
+    ours, _ = make_pair(tied=True)
+    ours.save_pretrained(str(tmp_path / 'llm'))
+    enc = Encoder.from_pretrained(str(tmp_path / 'llm'), dtype=torch.bfloat16)
+    assert {p.dtype for p in enc.parameters()} == {torch.bfloat16} and not any(p.is_meta for p in enc.parameters())
+    assert enc.lm_head.weight is enc.model.language_model.embed_tokens.weight
+    batch = make_batch()
+    with torch.no_grad():
+        assert torch.equal(enc(**batch), ours.to(torch.bfloat16)(**batch))
+    ours.float()
+    apply_lora(ours, LLM_LORA_TARGETS, r=4, alpha=8)
+    for m in lora_layers(ours).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    (tmp_path / 'lora').mkdir()
+    save_file({k: v.clone() for k, v in ours.state_dict().items()}, str(tmp_path / 'lora' / 'model.safetensors'))
+    apply_lora(enc, LLM_LORA_TARGETS, r=4, alpha=8)
+    trains = {n: p.requires_grad for n, p in enc.named_parameters()}
+    enc.load_llm_lora(str(tmp_path / 'lora'), alpha=8)
+    assert {n: p.requires_grad for n, p in enc.named_parameters()} == trains
+    assert {p.dtype for p in lora_parameters(enc)} == {torch.float32}
+    assert enc.model.language_model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert enc.lm_head.weight is enc.model.language_model.embed_tokens.weight
+    with torch.no_grad():
+        assert (enc(**batch).float() - ours(**batch)).abs().max() < 0.1 * ours(**batch).abs().max()
 
 
 def test_strict_loading_names_bad_keys(tmp_path):

@@ -99,12 +99,14 @@ def test_uae_lora_key():
 
 
 def test_gpu_acceptance_cpu_mode(report):
-    """--mode=gpu without CUDA: G4U under torchrun on 2 CPU ranks (gloo), the GPU-only checks listed as not
-    exercised. The kernel and parity tests it also runs are in the suite already; the rehearsal, above."""
+    """--mode=gpu without CUDA: G4U under torchrun on 2 CPU ranks (gloo); decoder and encoder parity with
+    diffusers / transformers on the CPU (fp32 to rounding, bf16 as near fp32 as the references' bf16); the
+    GPU-only checks listed as not exercised. The kernel tests it also runs are in the suite already; the
+    rehearsal, above."""
     if torch.cuda.is_available():
         pytest.skip('the CPU mode of the GPU acceptance run')
     tmp_path = report[2]  # the small checkpoints built there already
-    p = subprocess.run([sys.executable, 'rehearsal.py', '--mode=gpu', '--checks=torchrun', f'--out_dir={tmp_path}'],
+    p = subprocess.run([sys.executable, 'rehearsal.py', '--mode=gpu', '--checks=torchrun,parity', f'--out_dir={tmp_path}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     with open(tmp_path / 'report.json') as f:
@@ -112,5 +114,11 @@ def test_gpu_acceptance_cpu_mode(report):
     assert r['ok'] and r['device'] == 'cpu' and r['checks']['torchrun g4u']['in_sync']
     assert '--nproc_per_node=2' in r['checks']['torchrun g4u']['command']
     assert any('bf16' in x for x in r['not_exercised']) and any('NCCL' in x for x in r['not_exercised'])
+    for name in ('decoder', 'encoder'):
+        par = r['parity'][name]
+        assert par['ok'] and par['fp32'] < par['fp32_tol'] == 1e-5, (name, par)
+        assert 1e-3 < par['bf16'] <= par['bf16_tol'] <= 0.05, (name, par)  # bf16 did run, and held
+    assert 'fp32 err' in p.stdout  # the table
     line = json.loads(p.stdout.strip().splitlines()[-1])
-    assert line['mode'] == 'gpu' and line['checks'] == {'torchrun g4u': True}
+    assert line['mode'] == 'gpu' and line['checks'] == {'torchrun g4u': True, 'parity': True}
+    assert line['parity']['encoder']['fp32'] < 1e-5 and line['parity']['decoder']['bf16'] > 1e-3
