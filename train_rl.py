@@ -72,6 +72,12 @@ config = dict(
     reward={'scene_attributes': 1.0},
     reward_paths={},                 # metric -> local checkpoint path for the real embedders
     adv_scale='std',                 # 'std' (GRPO) or 'none' (only subtract the group mean)
+    # g4u, u4g: optimiser updates per batch of rollouts (TRL's num_iterations): the rollouts, advantages and
+    # old log-probs are computed once, the new log-probs at each update; ratio, clip_frac, kl and grad_norm
+    # are logged for the last update. drop_zero_advantage: samples of advantage exactly 0 (groups of equal
+    # rewards) leave the loss, averaged over the kept ones of all ranks (Flow-GRPO); a step that keeps none
+    # makes no update (logged as updates 0)
+    num_iterations=1, drop_zero_advantage=False,
     # g4u: caption sampling and the token loss. Plain sampling at `temperature`, on purpose without the top-k,
     # top-p or repetition penalty of generation_config.json (Qwen2.5-VL's is greedy in effect): the policy
     # gradient needs the policy's full distribution, and G captions of one image must differ
@@ -84,6 +90,9 @@ config = dict(
     noise_level=0.7, sde_window=3,   # u4g: SDE (trained) on a window of this many steps; 0 = all but the last
     sde_start=-1,                    # u4g: the window's first step; -1 = a random start each step
     flow_eps=1e-4, adv_clip=5.0,
+    # u4g's KL to the reference: 'exact' the Gaussian KL of each SDE step (divided by its variance std_t^2 *
+    # (sigma - sigma')), 'flow_grpo' Flow-GRPO's code (divided by std_t^2 alone: 3.7-25x weaker, grpo.py)
+    kl_form='exact',
     caption_temperature=0.7,         # u4g, coldstart on real images: how the encoder captions (as at inference)
     # coldstart: differentiable sampling steps
     coldstart_steps=4,
@@ -134,7 +143,19 @@ def reward(cfg, embedders, recon, originals, world_size, device):
 
 
 # -----------------------------------------------------------------------------
-# one optimisation step per stage: rollouts, reward, advantages, loss; each returns its log statistics
+# one step per stage: rollouts, reward, advantages, then the loss. GRPO's steps return their log
+# statistics and `backward`, which scores the rollouts under the current weights and backpropagates the
+# loss: main calls it num_iterations times, one optimiser update after each
+
+def kept_rows(cfg, rewards, adv, rank, world_size):
+    """This rank's rows that enter the loss (CPU indices) and their count over all ranks, from the rewards
+    and advantages of all ranks: all rows, or with drop_zero_advantage those with a signal
+    (grpo.has_signal: not a group of equal rewards, advantage not 0)."""
+    keep = torch.ones(len(adv), dtype=torch.bool)
+    if cfg['drop_zero_advantage']:
+        keep = grpo.has_signal(rewards, adv, cfg['group_size']).cpu()
+    return torch.arange(len(adv) // world_size)[keep.view(world_size, -1)[rank]], int(keep.sum())
+
 
 def g4u_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_size):
     """Generation for understanding: G captions per image, each drawn again by the frozen decoder and
@@ -142,7 +163,8 @@ def g4u_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_s
     G = cfg['group_size']
     enc.eval()
     # 1. rollouts: G captions per image (rows image-major: i*G ... i*G+G-1 are image i's), sampled from the
-    # policy at `temperature`, with their log-probs. The suppressed ids are suppressed again in the loss
+    # policy at `temperature`, with their log-probs (the old log-probs of every update on this batch).
+    # The suppressed ids are suppressed again in the loss
     suppress = enc.caption_suppress_tokens()
     with torch.no_grad():
         batch = enc.caption_inputs([im for im in to_pil(images) for _ in range(G)])
@@ -158,33 +180,41 @@ def g4u_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_s
     rewards, log = reward(cfg, embedders, recon, np.repeat(np.asarray(images), G, axis=0), world_size,
                           pooled.device)
     adv, zero_std = grpo.group_advantages(rewards, G, cfg['adv_scale'])
+    rows, n_kept = kept_rows(cfg, rewards, adv, rank, world_size)
     adv = adv.view(world_size, -1)[rank]
-    # 4. the loss over every caption token of the batch, micro_batch captions per backward
-    mask = out.mask
+    # 4. the loss over every kept caption token of the batch (all ranks), micro_batch captions per backward
+    mask = out.mask[rows]
     n_tokens = mask.sum().float()
     if world_size > 1:
         dist.all_reduce(n_tokens)
-    stats, n = dict(kl=0.0, clip_frac=0.0, ratio=0.0, entropy=0.0), len(texts)
     patches = batch['image_grid_thw'].prod(-1)  # pixel_values rows belonging to each caption's image
-    start = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
-    for i in range(0, n, cfg['micro_batch']):
-        sl = slice(i, i + cfg['micro_batch'])
-        mb = {k: v[sl] for k, v in batch.items() if k != 'pixel_values'}
-        rows = torch.arange(n)[sl]
-        mb['pixel_values'] = batch['pixel_values'][start[rows[0]]:start[rows[-1] + 1]]
-        logp, ent = enc.token_logprobs(mb, out.tokens[sl], mask[sl], cfg['temperature'], True, suppress)
-        ref = None
-        if cfg['beta'] > 0:  # the reference policy: the same model with its LoRA disabled
-            with torch.no_grad(), lora_disabled(enc):
-                ref = enc.token_logprobs(mb, out.tokens[sl], mask[sl], cfg['temperature'], suppress_tokens=suppress)
-        loss, s = grpo.token_grpo_loss(logp, out.logprobs[sl], adv[sl], mask[sl], ref, cfg['eps_low'],
-                                       cfg['eps_high'], cfg['beta'], n_tokens=n_tokens)
-        loss.backward()
-        w = mask[sl].sum().item() / max(mask.sum().item(), 1)
-        for k in ('kl', 'clip_frac', 'ratio'):
-            stats[k] += s[k] * w
-        stats['entropy'] += (ent.sum() / mask.sum().clamp(min=1)).item()
-    return dict(log, zero_std=zero_std, caption_tokens=mask.sum(1).float().mean().item(), **stats)
+    start = torch.cat([patches.new_zeros(1), patches.cumsum(0)]).tolist()
+    refs = {}  # the reference's log-probs do not change between updates
+
+    def backward():
+        if n_tokens.item() == 0:
+            return None
+        stats = dict(kl=0.0, clip_frac=0.0, ratio=0.0, entropy=0.0)
+        for i in range(0, len(rows), cfg['micro_batch']):
+            r, m = rows[i:i + cfg['micro_batch']], mask[i:i + cfg['micro_batch']]
+            mb = {k: v[r] for k, v in batch.items() if k != 'pixel_values'}
+            mb['pixel_values'] = torch.cat([batch['pixel_values'][start[k]:start[k + 1]] for k in r.tolist()])
+            logp, ent = enc.token_logprobs(mb, out.tokens[r], m, cfg['temperature'], True, suppress)
+            if cfg['beta'] > 0 and i not in refs:  # the reference policy: the same model with its LoRA disabled
+                with torch.no_grad(), lora_disabled(enc):
+                    refs[i] = enc.token_logprobs(mb, out.tokens[r], m, cfg['temperature'], suppress_tokens=suppress)
+            loss, s = grpo.token_grpo_loss(logp, out.logprobs[r], adv[r], m, refs.get(i), cfg['eps_low'],
+                                           cfg['eps_high'], cfg['beta'], n_tokens=n_tokens)
+            loss.backward()
+            w = m.sum().item() / max(mask.sum().item(), 1)
+            for k in ('kl', 'clip_frac', 'ratio'):
+                stats[k] += s[k] * w
+            stats['entropy'] += (ent.sum() / mask.sum().clamp(min=1)).item()
+        return stats
+
+    if cfg['drop_zero_advantage']:
+        log['kept'] = n_kept / len(rewards)
+    return dict(log, zero_std=zero_std, caption_tokens=out.mask.sum(1).float().mean().item()), backward
 
 
 def u4g_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_size, step):
@@ -200,7 +230,8 @@ def u4g_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_s
     ctx_c, neg = ctx[:n].repeat_interleave(G, 0), ctx[n:]
     pooled_c = pooled.expand(n * G, -1)
     # 2. rollouts: G images per caption. The SDE window says which denoising steps are stochastic (and
-    # trained), the same on every rank; never the last step, which would leave noise in the image
+    # trained), the same on every rank; never the last step, which would leave noise in the image. Each
+    # transition keeps the log-prob of the policy that sampled it: the old log-prob of every update
     window = min(cfg['sde_window'] or T - 1, T - 1)
     if cfg['sde_start'] >= 0:
         start = min(cfg['sde_start'], T - 1 - window)
@@ -216,27 +247,38 @@ def u4g_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_s
     rewards, log = reward(cfg, embedders, recon, np.repeat(np.asarray(images), G, axis=0), world_size,
                           pooled.device)
     adv, zero_std = grpo.group_advantages(rewards, G, cfg['adv_scale'])
+    rows, n_total = kept_rows(cfg, rewards, adv, rank, world_size)
     adv = adv.view(world_size, -1)[rank]
-    # 4. the loss: each stored transition re-scored under the current weights, micro_batch rollouts at once
-    stats = dict(kl=0.0, clip_frac=0.0, ratio=0.0)
-    n_total = n * G * world_size
-    for t in transitions:
-        for i in range(0, n * G, cfg['micro_batch']):
-            sl = slice(i, i + cfg['micro_batch'])
-            tt = dict(j=t['j'], x=t['x'][sl], x_next=t['x_next'][sl])
-            args = (ctx_c[sl], pooled_c[sl], neg, pooled, T, cfg['guidance'], cfg['shift'], cfg['noise_level'])
-            logp, mean, std = D.transition_logprob(dit, tt, *args)
-            ref_mean = None
-            if cfg['beta'] > 0:  # the reference policy: the same model with its LoRA disabled
-                with torch.no_grad(), lora_disabled(dit):
-                    _, ref_mean, _ = D.transition_logprob(dit, tt, *args)
-            loss, s = grpo.flow_grpo_loss(logp, t['log_prob'][sl], adv[sl], cfg['flow_eps'], cfg['adv_clip'],
-                                          mean, ref_mean, std, cfg['beta'])
-            # each call averages over its micro-batch: weight it to a mean over all samples and SDE steps
-            (loss * logp.shape[0] / n_total / len(transitions)).backward()  # summed over ranks later
-            for k in stats:
-                stats[k] += s[k] * logp.shape[0] / (n * G) / len(transitions)
-    return dict(log, zero_std=zero_std, sde_steps=f'{start}-{start + window - 1}', **stats)
+    # 4. the loss: each stored transition of the kept rows re-scored under the current weights,
+    # micro_batch rollouts at once; a mean over the kept rollouts of all ranks and the SDE steps
+    sigmas = D.sampling_sigmas(T, cfg['shift']).tolist()
+    refs = {}  # the reference's means do not change between updates
+
+    def backward():
+        if n_total == 0:
+            return None
+        stats = dict(kl=0.0, clip_frac=0.0, ratio=0.0)
+        for t in transitions:
+            for i in range(0, len(rows), cfg['micro_batch']):
+                r = rows[i:i + cfg['micro_batch']]
+                tt = dict(j=t['j'], x=t['x'][r], x_next=t['x_next'][r])
+                args = (ctx_c[r], pooled_c[r], neg, pooled, T, cfg['guidance'], cfg['shift'], cfg['noise_level'])
+                logp, mean, std = D.transition_logprob(dit, tt, *args)
+                if cfg['beta'] > 0 and (t['j'], i) not in refs:  # the reference: the same model, LoRA disabled
+                    with torch.no_grad(), lora_disabled(dit):
+                        refs[t['j'], i] = D.transition_logprob(dit, tt, *args)[1]
+                loss, s = grpo.flow_grpo_loss(logp, t['log_prob'][r], adv[r], cfg['flow_eps'], cfg['adv_clip'],
+                                              mean, refs.get((t['j'], i)), std, cfg['beta'], cfg['kl_form'],
+                                              sigmas[t['j']] - sigmas[t['j'] + 1])
+                # each call averages over its micro-batch: weight it to a mean over all samples and SDE steps
+                (loss * logp.shape[0] / n_total / len(transitions)).backward()  # summed over ranks later
+                for k in stats:
+                    stats[k] += s[k] * logp.shape[0] / len(rows) / len(transitions)
+        return stats
+
+    if cfg['drop_zero_advantage']:
+        log['kept'] = n_total / len(rewards)
+    return dict(log, zero_std=zero_std, sde_steps=f'{start}-{start + window - 1}'), backward
 
 
 def coldstart_step(cfg, enc, dit, codec, pooled, images, captions, gen, world_size):
@@ -468,13 +510,17 @@ def main():
     cfg = configure(config)
     # every value is checked before anything loads
     require_positive(cfg, 'log_every', 'eval_every', 'save_every', 'images_per_step', 'group_size', 'micro_batch',
-                     'max_nonfinite', 'eval_images')
+                     'max_nonfinite', 'eval_images', 'num_iterations')
     require_positive(cfg, 'steps', minimum=0)  # 0: evaluate only
     stage = cfg['stage']
     if stage not in ('coldstart', 'g4u', 'u4g'):
         raise ValueError(f"--stage must be coldstart, g4u or u4g, got {stage!r}")
     if stage != 'coldstart' and cfg['group_size'] < 2:
         raise ValueError(f"--group_size={cfg['group_size']}: GRPO compares at least 2 rollouts per prompt")
+    if stage == 'coldstart' and (cfg['num_iterations'] > 1 or cfg['drop_zero_advantage']):
+        raise ValueError('--num_iterations and --drop_zero_advantage are GRPO options (g4u, u4g), not coldstart\'s')
+    if cfg['kl_form'] not in ('exact', 'flow_grpo'):
+        raise ValueError(f"--kl_form must be 'exact' or 'flow_grpo', got {cfg['kl_form']!r}")
     if cfg['llm_lora'] is None:  # resolved here, so the saved config says which adapter was used
         toy = stage == 'u4g' and cfg['llm'] == f'{TOY}/llm'
         cfg['llm_lora'] = f'{TOY}/llm_lora' if toy else ''
@@ -582,22 +628,36 @@ def main():
         gen = torch.Generator(device).manual_seed(cfg['seed'] * 1_000_003 + step * 1000 + rank)
         with autocast(device, cfg['dtype']):
             if stage == 'g4u':
-                stats = g4u_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_size)
+                stats, backward = g4u_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_size)
             elif stage == 'u4g':
-                stats = u4g_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_size, step)
-            else:
-                stats = coldstart_step(cfg, enc, dit, codec, pooled, images, captions, gen, world_size)
-        all_reduce_grads(params, world_size)
-        stats['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(params, cfg['grad_clip']))
-        # the gradients are all-reduced: a NaN/inf loss or gradient skips the update on every rank alike
-        streak = skip_nonfinite(stats['grad_norm'] + stats.get('loss', 0.0), streak, cfg['max_nonfinite'],
-                                'loss or gradient')
-        skipped += bool(streak)
-        if not streak:
-            opt.step()
-        elif master:
-            print(f'step {step + 1}: non-finite loss or gradient, update skipped ({skipped} so far)', flush=True)
-        opt.zero_grad(set_to_none=True)
+                stats, backward = u4g_step(cfg, enc, dit, codec, pooled, embedders, images, gen, rank, world_size,
+                                           step)
+            else:  # no rollouts to reuse: one update
+                stats, backward = {}, lambda: coldstart_step(cfg, enc, dit, codec, pooled, images, captions, gen,
+                                                             world_size)
+        updates = 0
+        for _ in range(cfg['num_iterations']):  # each a full optimiser update on the same rollouts
+            with autocast(device, cfg['dtype']):
+                loss_stats = backward()
+            if loss_stats is None:  # drop_zero_advantage kept no sample on any rank: nothing to learn
+                if master:
+                    print(f'step {step + 1}: every advantage is 0, no update', flush=True)
+                break
+            all_reduce_grads(params, world_size)
+            loss_stats['grad_norm'] = float(torch.nn.utils.clip_grad_norm_(params, cfg['grad_clip']))
+            # the gradients are all-reduced: a NaN/inf loss or gradient skips the update on every rank alike
+            streak = skip_nonfinite(loss_stats['grad_norm'] + loss_stats.get('loss', 0.0), streak,
+                                    cfg['max_nonfinite'], 'loss or gradient')
+            skipped += bool(streak)
+            if not streak:
+                opt.step()
+                updates += 1
+            elif master:
+                print(f'step {step + 1}: non-finite loss or gradient, update skipped ({skipped} so far)', flush=True)
+            opt.zero_grad(set_to_none=True)
+            stats.update(loss_stats)  # the last update's
+        if cfg['num_iterations'] > 1 or cfg['drop_zero_advantage']:
+            stats['updates'] = updates
         step += 1
         stats = dict(step=step, step_time=time.time() - t0, **stats, skipped_steps=skipped)
         if master:

@@ -29,6 +29,9 @@
     'reward': {'clip': 1.0, 'dinov2': 1.0},
     'reward_paths': {'clip': '/path/to/clip-vit-large-patch14', 'dinov2': '/path/to/dinov2-large'},
     'adv_scale': 'std',  # GRPO's (r - mean) / (std + 1e-4)
+    # TRL's default: one update per batch of captions. 2 (two updates on the same rollouts) reached the toy
+    # world's held-out object F1 of 0.64 at step 15 against 0.41, for ~10% more time per step (one seed)
+    'num_iterations': 1,
     'temperature': 1.0,  # sample the full policy in training (UAE captions at 0.7 at inference)
     'max_new_tokens': 512,  # UAE's captions are up to 512 tokens; the aha moment lengthens them
     'eps_low': 0.2, 'eps_high': 0.28,  # TRL's epsilon 0.2, DAPO's clip-higher 0.28

@@ -24,7 +24,13 @@
     'group_size': 16,  # Flow-GRPO uses 8-24 (24 on 32 GPUs)
     'micro_batch': 4,  # rollouts per backward: 4 x 2 (CFG) DiT passes with checkpointing (memory plan)
     'lr': 3e-4, 'weight_decay': 1e-4, 'grad_clip': 1.0,  # Flow-GRPO: learning_rate, adam_weight_decay, max_grad_norm
-    'beta': 0.04,  # KL on the means: Flow-GRPO's SD3.5 GenEval / OCR value
+    # KL on the means: Flow-GRPO's SD3.5 GenEval / OCR beta, in the form its code computes (divided by std_t^2,
+    # not by the step's variance std_t^2 * (sigma - sigma'): on this 10-step schedule 'exact' would weigh
+    # each SDE step 3.7-25x more, 13x on average; grpo.py)
+    'beta': 0.04, 'kl_form': 'flow_grpo',
+    'drop_zero_advantage': True,  # Flow-GRPO drops samples of zero advantage before the loss
+    # Flow-GRPO: num_inner_epochs 1; its two updates per batch are over the two halves of the rollouts
+    'num_iterations': 1,
     'reward': {'clip': 1.0, 'dinov2': 1.0},  # as G4U: UAE's one reward for both stages
     'reward_paths': {'clip': '/path/to/clip-vit-large-patch14', 'dinov2': '/path/to/dinov2-large'},
     'adv_scale': 'std',

@@ -90,3 +90,43 @@ def test_scene_rewards_by_hand():
     assert torch.allclose(m['scene'], torch.tensor([1.0, 2 / 3, 0.5], dtype=torch.float64))
     # recoloured: shape, size, cell all 1, colour 1/2; the object F1 counts it as wrong (1 of 2)
     assert torch.allclose(m['scene_attributes'], torch.tensor([1.0, (4 * 2 / 3 + 1) / 5, (3 + 0.5 + 1) / 5], dtype=torch.float64))
+
+
+def test_flow_kl_forms_by_hand():
+    """kl_form='flow_grpo' is Flow-GRPO's code (scripts/train_sd3.py's kl_loss): the mean over C, H, W of
+    |mu - mu_ref|^2 over 2 std_dev_t^2, std_dev_t = a sqrt(sigma / (1 - sigma)) without the step's
+    sqrt(sigma - sigma'); 'exact' (the default) is the same divided by (sigma - sigma')."""
+    import model_decoder as D
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 2, 4, 4, generator=g)
+    ref = mean + 0.1 * torch.randn(3, 2, 4, 4, generator=g)
+    zero = torch.zeros(3)  # advantages 0: the loss is beta * KL alone
+    sigma, sigma_next, a, beta = 0.7073, 0.6022, 0.7, 0.04
+    std_dev_t = a * math.sqrt(sigma / (1 - sigma))
+    dsigma = sigma - sigma_next
+    flow = (((mean - ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t ** 2)).mean().item()
+    step_std = torch.full((3,), std_dev_t * math.sqrt(dsigma))  # what transition_logprob returns
+    kw = dict(mean=mean, ref_mean=ref, std=step_std, beta=beta, dsigma=dsigma)
+    loss_flow, s_flow = flow_grpo_loss(zero, zero, zero, kl_form='flow_grpo', **kw)
+    loss_exact, s_exact = flow_grpo_loss(zero, zero, zero, kl_form='exact', **kw)
+    _, s_default = flow_grpo_loss(zero, zero, zero, **kw)
+    assert s_flow['kl'] == pytest.approx(flow, rel=1e-5) and loss_flow.item() == pytest.approx(beta * flow, rel=1e-5)
+    assert s_exact['kl'] == pytest.approx(flow / dsigma, rel=1e-5)
+    assert s_default['kl'] == s_exact['kl']
+    with pytest.raises(ValueError, match="kl_form must be 'exact' or 'flow_grpo'"):
+        flow_grpo_loss(zero, zero, zero, kl_form='k3', **kw)
+    # the factor between the two on the 10-step shift-3 schedule, over its 9 SDE steps (config/uae_u4g.py)
+    s = D.sampling_sigmas(10, 3.0).tolist()
+    factors = [1 / (s[j] - s[j + 1]) for j in range(9)]
+    assert min(factors) == pytest.approx(3.72, abs=0.01) and max(factors) == pytest.approx(25.08, abs=0.01)
+
+
+def test_has_signal_drops_groups_of_equal_rewards():
+    """Eight equal float32 rewards leave r - mean(r) at +-1 ulp, an advantage of ~1e-3, not 0: the group
+    has no signal all the same. A sample at its group's mean (advantage exactly 0) has none either."""
+    from grpo import has_signal
+    r = torch.tensor([0.9] * 8 + [0.0, 0.5, 1.0, 0.5, 0.25, 0.75, 0.375, 0.625])  # mean 0.5 exactly
+    adv, _ = group_advantages(r, 8)
+    assert adv[:8].abs().max() > 0  # the rounding the second test is for
+    keep = has_signal(r, adv, 8)
+    assert keep.tolist() == [False] * 8 + [True, False, True, False, True, True, True, True]

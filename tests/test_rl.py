@@ -170,9 +170,10 @@ def test_first_g4u_step_is_on_policy(toy):
     cfg = dict(toy.cfg, **TINY_RUN, temperature=temperature, beta=0.04)
     grads = []
     for micro_batch in (3, 64):
-        stats = train_rl.g4u_step(dict(cfg, micro_batch=micro_batch), enc, dit, LinearCodec.load(toy.paths['vae']),
-                                  pooled, train_rl.load_reward(cfg, 'cpu'), images, torch.Generator().manual_seed(0),
-                                  0, 1)
+        log, backward = train_rl.g4u_step(dict(cfg, micro_batch=micro_batch), enc, dit,
+                                          LinearCodec.load(toy.paths['vae']), pooled, train_rl.load_reward(cfg, 'cpu'),
+                                          images, torch.Generator().manual_seed(0), 0, 1)
+        stats = dict(log, **backward())
         assert stats['ratio'] == pytest.approx(1, abs=1e-5) and stats['kl'] == 0 and stats['clip_frac'] == 0
         assert stats['reward_std'] > 0
         grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
@@ -183,17 +184,146 @@ def test_first_g4u_step_is_on_policy(toy):
 
 
 # -----------------------------------------------------------------------------
+# several updates per batch of rollouts, samples of zero advantage dropped
+
+
+def record(monkeypatch, obj, name, seen):
+    """Keep what obj.name returns in seen[name] (the rollouts a step draws inside)."""
+    f = getattr(obj, name)
+
+    def wrapped(*args, **kwargs):
+        seen[name] = f(*args, **kwargs)
+        return seen[name]
+    monkeypatch.setattr(obj, name, wrapped)
+
+
+def test_second_g4u_update_reuses_the_rollouts(toy, monkeypatch):
+    """num_iterations: the second backward on the same rollouts, after an update, compares the new
+    log-probs with the ones recorded at sampling: its ratio is exp(new - old), off 1, and clipping binds.
+    With drop_zero_advantage the middle image's group (equal rewards) leaves the loss: the micro-batches
+    of 3 kept captions then gather the pixel rows of images 0 and 2."""
+    enc, dit, codec, pooled = load_uae(toy.cfg, 'cpu')
+    enc.requires_grad_(False)
+    torch.manual_seed(0)
+    params = train_rl.trainable(enc, dict(toy.cfg, lora_r=8, lora_alpha=16), toy.cfg['llm_lora_targets'])
+    opt = torch.optim.Adam(params, lr=1e-2)
+    images, _ = world.load_split(os.path.join(toy.paths['data_dir'], 'val'))
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.5, 0.3, 0.7])  # 3 images x G = 2
+    monkeypatch.setattr(train_rl, 'reward', lambda *args: (rewards, dict(reward=0.5)))
+    seen, eps, temperature = {}, 0.02, 1.0
+    for name in ('caption_inputs', 'generate'):
+        record(monkeypatch, enc, name, seen)
+    cfg = dict(toy.cfg, **TINY_RUN, temperature=temperature, beta=0.04, micro_batch=3, eps_low=eps, eps_high=eps,
+               drop_zero_advantage=True)
+    log, backward = train_rl.g4u_step(cfg, enc, dit, codec, pooled, {}, images[:3], torch.Generator().manual_seed(0),
+                                      0, 1)
+    assert log['kept'] == pytest.approx(4 / 6)
+    first = backward()
+    assert first['ratio'] == pytest.approx(1, abs=1e-5) and first['clip_frac'] == 0
+    opt.step()
+    opt.zero_grad()
+    second = backward()
+    batch, out = seen['caption_inputs'], seen['generate']
+    adv, _ = grpo.group_advantages(rewards, 2)
+    with torch.no_grad():
+        new = enc.token_logprobs(batch, out.tokens, out.mask, temperature,
+                                 suppress_tokens=enc.caption_suppress_tokens())
+    keep = torch.tensor([1., 1., 0., 0., 1., 1.])[:, None]  # the middle group dropped
+    m, ratio, a = out.mask.float() * keep, torch.exp(new - out.logprobs), adv[:, None]
+    clipped = ((ratio < 1 - eps) & (a < 0)) | ((ratio > 1 + eps) & (a > 0))
+    assert second['ratio'] == pytest.approx(((ratio * m).sum() / m.sum()).item(), rel=1e-5)
+    assert abs(second['ratio'] - 1) > 1e-3
+    assert second['clip_frac'] == pytest.approx(((clipped * m).sum() / m.sum()).item(), abs=1e-6)
+    assert second['clip_frac'] > 0
+
+
+def test_dropped_samples_leave_the_u4g_loss(toy, monkeypatch):
+    """drop_zero_advantage: the gradient is that of the loss over the kept rollouts alone, averaged over
+    them (a group of equal rewards is dropped, its KL too); keeping them gives another gradient."""
+    enc, dit, codec, pooled = load_uae(toy.cfg, 'cpu')
+    dit.requires_grad_(False)
+    torch.manual_seed(0)
+    params = train_rl.trainable(dit, dict(toy.cfg, lora_r=4, lora_alpha=8), toy.cfg['dit_lora_targets'])
+    randomise_lora_B(dit)  # policy != reference: every sample has a KL term
+    images, _ = world.load_split(os.path.join(toy.paths['data_dir'], 'val'))
+    rewards = torch.tensor([0.2, 0.6, 0.5, 0.5])  # 2 captions x G = 2; the second group carries no signal
+    monkeypatch.setattr(train_rl, 'reward', lambda *args: (rewards, dict(reward=0.45)))
+    seen = {}
+    record(monkeypatch, D, 'sample', seen)
+    record(monkeypatch, enc, 'embed_prompt', seen)
+    cfg = dict(toy.cfg, **TINY_RUN, beta=0.1, micro_batch=1, sde_window=0, kl_form='exact')
+    grads = {}
+    for drop in (True, False):
+        log, backward = train_rl.u4g_step(dict(cfg, drop_zero_advantage=drop), enc, dit, codec, pooled, {},
+                                          images[:2], torch.Generator().manual_seed(0), 0, 1, 0)
+        backward()
+        grads[drop] = torch.cat([p.grad.reshape(-1) for p in params])
+        for p in params:
+            p.grad = None
+    assert log.get('kept') is None
+    # by hand: the rows of the first group only, a mean over them and the SDE steps
+    _, transitions = seen['sample']
+    ctx, T, kept = seen['embed_prompt'], cfg['sample_steps'], slice(0, 2)
+    adv, _ = grpo.group_advantages(rewards, 2)
+    args = (ctx[:1].repeat_interleave(2, 0), pooled.expand(2, -1), ctx[2:], pooled, T, cfg['guidance'], cfg['shift'],
+            cfg['noise_level'])
+    loss = 0
+    for t in transitions:
+        tt = dict(j=t['j'], x=t['x'][kept], x_next=t['x_next'][kept])
+        logp, mean, std = D.transition_logprob(dit, tt, *args)
+        with torch.no_grad(), lora_disabled(dit):
+            ref = D.transition_logprob(dit, tt, *args)[1]
+        loss = loss + grpo.flow_grpo_loss(logp, t['log_prob'][kept], adv[kept], cfg['flow_eps'], cfg['adv_clip'],
+                                          mean, ref, std, cfg['beta'])[0] / len(transitions)
+    loss.backward()
+    by_hand = torch.cat([p.grad.reshape(-1) for p in params])
+    assert len(transitions) == 2 and by_hand.abs().max() > 0
+    torch.testing.assert_close(grads[True], by_hand, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(grads[False], by_hand, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize('stage', ['g4u', 'u4g'])
+def test_nothing_kept_makes_no_update(toy, monkeypatch, stage):
+    """Every advantage 0 with drop_zero_advantage: the step logs no update, no NaN, and the weights stay."""
+    monkeypatch.setattr(train_rl, 'reward', lambda cfg, emb, recon, *rest: (torch.full((len(recon),), 0.5),
+                                                                            dict(reward=0.5)))
+    out = toy.dir / f'nothing_kept_{stage}'
+    run_main(cli(toy, stage, out, steps=1, drop_zero_advantage=True, num_iterations=2, eval_every=100,
+                 save_every=100))
+    row = [r for r in read_log(out) if 'reward' in r][0]
+    assert row['updates'] == 0 and row['kept'] == 0 and row['skipped_steps'] == 0 and 'grad_norm' not in row
+    assert all(v.abs().max() == 0 for k, v in trainable_weights(out).items() if 'lora_B' in k)
+
+
+def test_num_iterations_updates_on_the_same_rollouts(toy):
+    """Two updates per step: the second sees a ratio off 1 (logged for the last update), and the
+    weights move further than with one update on the same rollouts."""
+    runs = {}
+    for k in (1, 2):
+        runs[k] = toy.dir / f'iterations_{k}'
+        run_main(cli(toy, 'u4g', runs[k], steps=1, num_iterations=k, eval_every=100, save_every=100))
+    one, two = ([r for r in read_log(runs[k]) if 'reward' in r][0] for k in (1, 2))
+    assert 'updates' not in one and one['ratio'] == pytest.approx(1, abs=1e-6)
+    assert two['updates'] == 2 and abs(two['ratio'] - 1) > 1e-6 and two['clip_frac'] > 0
+    assert one['reward'] == two['reward']  # the same rollouts
+    a, b = trainable_weights(runs[1]), trainable_weights(runs[2])
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------
 # the loop: torchrun, resume, coldstart, saved adapters
 
 
 def test_torchrun_two_ranks_stay_in_sync(toy):
-    """2 steps of each stage under torchrun on 2 ranks (launched together: the machine is shared)."""
+    """2 steps of each stage under torchrun on 2 ranks (launched together: the machine is shared); u4g
+    with two updates per batch and the kept samples counted over the ranks."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
     runs = {}
     for stage in ('coldstart', 'g4u', 'u4g'):
         out = toy.dir / f'ddp_{stage}'
+        extra = dict(num_iterations=2, drop_zero_advantage=True) if stage == 'u4g' else {}
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_rl.py',
-               *cli(toy, stage, out, steps=2)]
+               *cli(toy, stage, out, steps=2, **extra)]
         runs[stage] = (out, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                              stderr=subprocess.STDOUT, text=True))
     for stage, (out, proc) in runs.items():
