@@ -259,3 +259,23 @@ def test_tokenizer_through_tiktoken_matches():
     texts += ['<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>' + prepare.TEMPLATE_TEXTS[6]]
     for text in texts:
         assert enc.encode(text, allowed_special='all') == tok.encode(text).ids, text
+
+
+def test_empty_cell_residual_is_zero_on_renders_and_sees_a_ghost():
+    rng = np.random.default_rng(0)
+    scene = world.sample_scene(rng, 1, 1)
+    img = world.render(scene)
+    assert world.empty_cell_residual(img, scene) == 0.0
+    # a faint copy of the object (20 % contrast) in an empty cell: what the parser ignores, a reader sees
+    r, c = scene['objects'][0]['cell']
+    r2, c2 = (r + 1) % world.GRID, c
+    ghost = img.astype(np.float32)
+    src = ghost[r * world.CELL:(r + 1) * world.CELL, c * world.CELL:(c + 1) * world.CELL]
+    bg = np.array(world.BACKGROUNDS[scene['background']], np.float32)
+    ghost[r2 * world.CELL:(r2 + 1) * world.CELL, c2 * world.CELL:(c2 + 1) * world.CELL] = bg + 0.2 * (src - bg)
+    ghost = ghost.round().astype(np.uint8)
+    assert world.parse_image(ghost)['objects'] == world.parse_image(img)['objects']  # the parser ignores it
+    assert world.empty_cell_residual(ghost, scene) > 0.005
+    full = {'background': 'black', 'objects': [{'shape': 'square', 'color': 'red', 'size': 'small', 'cell': (i // 3, i % 3)}
+                                               for i in range(9)]}
+    assert world.empty_cell_residual(world.render(full), full) is None

@@ -316,6 +316,18 @@ def attribute_score(s):
     one still ranks them (the toy RL reward 'scene_attributes')."""
     return (s['shape_f1'] + s['color_f1'] + s['size_f1'] + s['cell_f1'] + s['background']) / 5
 
+
+def empty_cell_residual(img, scene):
+    """How far the cells the scene leaves empty are from its background: the mean over those cells and
+    their pixels of the largest |difference| of an RGB channel, in [0, 1]. 0 for a rendered scene; a
+    decoder that leaves faint ghost shapes in empty cells (which the parser ignores) scores above 0.
+    None when the scene has no empty cell."""
+    occupied = {tuple(o['cell']) for o in scene['objects']}
+    bg = np.array(BACKGROUNDS[scene['background']], np.float32)
+    cells = [np.asarray(img, np.float32)[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
+             for r in range(GRID) for c in range(GRID) if (r, c) not in occupied]
+    return float(np.mean([np.abs(cell - bg).max(-1).mean() for cell in cells]) / 255) if cells else None
+
 # -----------------------------------------------------------------------------
 # loading a split written by prepare.py
 
