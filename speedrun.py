@@ -226,12 +226,13 @@ LABELS = {'sft': 'SFT', 'g4u1': '+G4U', 'u4g1': '+U4G', 'g4u2': '+G4U (round 2)'
 
 def table(runs):
     """Markdown tables, one row per stage: the value, or over several runs the mean and (min-max)."""
-    rows = {name: [read_row(out, name) for out in runs] for name in ROUNDS}
+    done = [n for n in ROUNDS if all(os.path.exists(f'{out}/eval_{n}/understanding/understanding.json') for out in runs)]
+    rows = {name: [read_row(out, name) for out in runs] for name in done}  # a run still going: the stages so far
     lines = []
     for title, columns in TABLES.items():
         keys = [(k, h) for k, h in columns if all(k in r for rs in rows.values() for r in rs)]
         lines += [f'**{title}**', '', '| stage | ' + ' | '.join(h for _, h in keys) + ' |', '|---|' + '---:|' * len(keys)]
-        for name in ROUNDS:
+        for name in done:
             cells = []
             for k, _ in keys:
                 v = np.array([r[k] for r in rows[name]])
@@ -268,6 +269,9 @@ def write_report(runs, path):
              '## Does round 2 help?', '']
     for k, h in (('unibench.object_f1', 'I2T2I object F1'), ('unibench.attribute_f1', 'I2T2I attribute F1'),
                  ('geneval.overall', 'GenEval'), ('unibench.empty_cells', 'ghosts')):
+        if 'u4g2' not in rows:
+            lines.append('Not evaluated yet: the runs have not finished round 2.')
+            break
         d1 = [r[k] - s[k] for s, r in zip(rows['sft'], rows['u4g1'])]
         d2 = [b[k] - a[k] for a, b in zip(rows['u4g1'], rows['u4g2'])]
         lines.append(f"- {h}: round 1 (SFT to +U4G) {', '.join(f'{x:+.3f}' for x in d1)}; "
@@ -275,6 +279,9 @@ def write_report(runs, path):
     lines += ['', '## Wall time', '']
     for r in runs:
         t = json.load(open(f'{r}/timing.json'))
+        if 'wall' not in t:
+            lines.append(f'- `{r}`: still running')
+            continue
         main_line = ', '.join(f'{k} {v / 60:.1f}' for k, v in t.items() if k != 'wall' and not k.startswith('eval_'))
         lines.append(f"- `{r}`: {t['wall'] / 60:.1f} min ({main_line}; the 15 evaluations "
                      f"{sum(v for k, v in t.items() if k.startswith('eval_')) / 60:.1f} min, beside training)")
