@@ -95,12 +95,12 @@ def stages(cfg, out):
     for name, init, levels in (('enc_size', 'enc_sft', ["--levels={'complete': 1.0}"]), ('enc_terse', 'enc_size', [])):
         sft(name, [init], steps('size_steps'), '--model=encoder', f'--init_from={out}/{init}/llm', *levels, '--freeze_vision_steps=0',
             f'--train_only={LAYERS_1_3}', evals=1)
-    s['sft'] = (['dec_sft', 'enc_terse'], None)  # check_sft, in this process
-    # the UAE being trained: the terse encoder's LLM (its embeddings, layer 0 and projector are those the
-    # decoder learnt to read: check_sft) with the decoder; then the adapters each stage loads, from the
+    s['sft'] = (['dec_sft', 'enc_terse'], None)  # assemble_sft, in this process
+    # the UAE being trained: the terse encoder's LLM read by the decoder at its layer (assemble_sft) with
+    # the decoder; then the adapters each stage loads, from the
     # stage before it. train_rl.py trains the loaded adapter of the model it trains further (round 2 continues
     # round 1's) and keeps the other frozen
-    uae = [f'--llm={out}/enc_terse/llm', f'--dit={out}/dec_sft/dit', f'--vae={out}/dec_sft/codec.safetensors',
+    uae = [f'--llm={out}/sft/llm', f'--dit={out}/dec_sft/dit', f'--vae={out}/dec_sft/codec.safetensors',
            f'--pooled={out}/dec_sft/pooled.safetensors']
     adapters = {'sft': ('', ''), 'g4u1': ('g4u1', ''), 'u4g1': ('g4u1', 'u4g1'), 'g4u2': ('g4u2', 'u4g1'),
                 'u4g2': ('g4u2', 'u4g2')}  # stage -> (llm_lora, dit_lora) of the UAE after it
@@ -126,15 +126,26 @@ def stages(cfg, out):
 # -----------------------------------------------------------------------------
 # running them: up to `jobs` at once, each as soon as the stages it reads are done
 
-def check_sft(out):
-    """The decoder was trained on the conditioning of enc_sft's LLM; the captioner is enc_terse's. The two
-    must give the decoder the same input: the embeddings, LLM layer 0 and the projector, bit for bit."""
+def assemble_sft(out):
+    """<out>/sft/llm, the UAE's LLM after SFT: the terse captioner's weights (enc_terse) with the decoder's
+    conditioning layer (dec_sft's config.json: prompt_layer 1; without it the decoder would read the last
+    layer, which it never saw). The decoder was trained on enc_sft's LLM, so the two must give it the same
+    input: the embeddings, LLM layer 0 and the projector, bit for bit."""
     from safetensors.torch import load_file
     a, b = load_file(f'{out}/enc_terse/llm/model.safetensors'), load_file(f'{out}/dec_sft/llm/model.safetensors')
     read = [k for k in a if 'embed_tokens' in k or 'projector' in k or '.layers.0.' in k and 'visual' not in k]
     differ = [k for k in read if not (a[k] == b[k]).all()]
     if not read or differ:
         raise ValueError(f'{out}/enc_terse/llm and {out}/dec_sft/llm differ in what the decoder reads: {differ or "nothing compared"}')
+    shutil.rmtree(f'{out}/sft/llm.tmp', ignore_errors=True)
+    shutil.copytree(f'{out}/enc_terse/llm', f'{out}/sft/llm.tmp')
+    with open(f'{out}/dec_sft/llm/config.json') as f:
+        layer = json.load(f)['prompt_layer']
+    with open(f'{out}/sft/llm.tmp/config.json') as f:
+        llm = json.load(f)
+    save_json(dict(llm, prompt_layer=layer), f'{out}/sft/llm.tmp/config.json')
+    shutil.rmtree(f'{out}/sft/llm', ignore_errors=True)
+    os.replace(f'{out}/sft/llm.tmp', f'{out}/sft/llm')
     return 0.0
 
 
@@ -155,7 +166,7 @@ def run_stages(cfg, out):
             todo.remove(k)
             deps, cmd = plan[k]
             if cmd is None:  # the sft check
-                timing[k] = check_sft(out)
+                timing[k] = assemble_sft(out)
                 save_json(timing, timing_path)
                 done.add(k)
                 continue
@@ -298,7 +309,7 @@ def write_report(runs, path):
 
 
 SHIPPED = {  # checkpoints/toy/<name>: <run>/<path>. The models after the last stage, and how they were made
-    'llm': 'enc_terse/llm', 'dit': 'dec_sft/dit', 'codec.safetensors': 'dec_sft/codec.safetensors',
+    'llm': 'sft/llm', 'dit': 'dec_sft/dit', 'codec.safetensors': 'dec_sft/codec.safetensors',
     'pooled.safetensors': 'dec_sft/pooled.safetensors', 'llm_lora': 'g4u2/llm_lora', 'dit_lora': 'u4g2/dit_lora',
     'sft_encoder_log.jsonl': 'enc_sft/log.jsonl', 'sft_encoder_size_log.jsonl': 'enc_size/log.jsonl',
     'sft_encoder_terse_log.jsonl': 'enc_terse/log.jsonl', 'sft_decoder_log.jsonl': 'dec_sft/log.jsonl',

@@ -34,6 +34,11 @@ def test_every_stage_runs_and_the_report_has_one_row_per_stage(run_dir):
         assert label in report
     assert '## Does round 2 help?' in report and 'ghosts' in report
     assert os.path.exists(os.path.join(run_dir, 'contact_sheet.png'))
+    # the UAE after SFT reads the decoder's conditioning layer (the terse captioner's own config has none)
+    sft = json.load(open(os.path.join(run_dir, 'sft', 'llm', 'config.json')))
+    assert sft['prompt_layer'] == json.load(open(os.path.join(run_dir, 'dec_sft', 'llm', 'config.json')))['prompt_layer'] == 1
+    g4u1 = json.load(open(os.path.join(run_dir, 'g4u1', 'ckpt', 'meta.json')))['config']
+    assert g4u1['llm'].endswith('sft/llm')
     # round 2 continued round 1's adapters: its configs name them
     g4u2 = json.load(open(os.path.join(run_dir, 'g4u2', 'ckpt', 'meta.json')))['config']
     assert g4u2['llm_lora'].endswith('g4u1/llm_lora') and g4u2['dit_lora'].endswith('u4g1/dit_lora')
