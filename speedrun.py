@@ -29,7 +29,6 @@ Nothing is lost to a kill: a finished stage is recorded in <out_dir>/timing.json
 run; a killed training stage continues from its last checkpoint (--resume), a killed evaluation keeps the
 reconstructions it wrote (bench.py resumes) or starts again.
 """
-import json
 import os
 import shlex
 import shutil
@@ -40,7 +39,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from common import atomic_write, configure, run, save_json
+from common import atomic_write, configure, read_json, run, save_json
 
 config = dict(
     seed=1,                 # the training seed (the toy world's data is the same for every seed)
@@ -139,11 +138,8 @@ def assemble_sft(out):
         raise ValueError(f'{out}/enc_terse/llm and {out}/dec_sft/llm differ in what the decoder reads: {differ or "nothing compared"}')
     shutil.rmtree(f'{out}/sft/llm.tmp', ignore_errors=True)
     shutil.copytree(f'{out}/enc_terse/llm', f'{out}/sft/llm.tmp')
-    with open(f'{out}/dec_sft/llm/config.json') as f:
-        layer = json.load(f)['prompt_layer']
-    with open(f'{out}/sft/llm.tmp/config.json') as f:
-        llm = json.load(f)
-    save_json(dict(llm, prompt_layer=layer), f'{out}/sft/llm.tmp/config.json')
+    layer = read_json(f'{out}/dec_sft/llm/config.json')['prompt_layer']
+    save_json(dict(read_json(f'{out}/sft/llm.tmp/config.json'), prompt_layer=layer), f'{out}/sft/llm.tmp/config.json')
     shutil.rmtree(f'{out}/sft/llm', ignore_errors=True)
     os.replace(f'{out}/sft/llm.tmp', f'{out}/sft/llm')
     return 0.0
@@ -155,7 +151,7 @@ def run_stages(cfg, out):
     with open(f'{out}/commands.sh', 'w') as f:  # what ran, in an order that respects the dependencies
         f.write(''.join(f'{shlex.join(cmd)} > {out}/logs/{k}.log\n' for k, (_, cmd) in plan.items() if cmd))
     timing_path = f'{out}/timing.json'
-    timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
+    timing = read_json(timing_path) if os.path.exists(timing_path) else {}
     done = {k for k in plan if k in timing}  # timing.json is written atomically after each stage
     running, t0 = {}, time.time()
     todo = [k for k in plan if k not in done]
@@ -211,8 +207,7 @@ def read_row(out, name):
     row = {'unibench.empty_cells': float(np.mean([x for x in residual if x is not None]))}
     for task in ('unibench', 'geneval', 'understanding'):
         path = f'{out}/eval_{name}/{task}/{"scores" if task == "unibench" else task}.json'
-        with open(path) as f:
-            summary = json.load(f)['summary']
+        summary = read_json(path)['summary']
         row.update({f'{task}.{k}': v for k, v in summary.items() if isinstance(v, (int, float))})
     return row
 
@@ -289,7 +284,7 @@ def write_report(runs, path):
                      f"round 2 (+U4G to +U4G round 2) {', '.join(f'{x:+.3f}' for x in d2)}")
     lines += ['', '## Wall time', '']
     for r in runs:
-        t = json.load(open(f'{r}/timing.json'))
+        t = read_json(f'{r}/timing.json')
         if 'wall' not in t:
             lines.append(f'- `{r}`: still running')
             continue
@@ -333,8 +328,7 @@ def ship(run_dir, dest='checkpoints/toy'):
         text = text.replace(f']({path})', f']({name})')
     atomic_write(f'{tmp}/report.md', lambda t: open(t, 'w').write(text))
     for adapter, base in (('llm_lora', 'llm'), ('dit_lora', 'dit')):
-        with open(f'{tmp}/{adapter}/adapter_config.json') as f:
-            meta = json.load(f)
+        meta = read_json(f'{tmp}/{adapter}/adapter_config.json')
         save_json(dict(meta, base_model_name_or_path=f'{dest}/{base}'), f'{tmp}/{adapter}/adapter_config.json')
     old = dest.rstrip('/') + '.old'
     if os.path.exists(dest):
@@ -358,7 +352,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     saved = f'{out}/config.json'
     what = lambda c: {k: v for k, v in c.items() if k not in ('summary', 'ship', 'jobs')}  # what decides the results
-    if os.path.exists(saved) and what(json.load(open(saved))) != what(cfg):
+    if os.path.exists(saved) and what(read_json(saved)) != what(cfg):
         raise ValueError(f'{saved} holds another configuration: continue with the same options or use another --out_dir')
     save_json(cfg, saved)
     run_stages(cfg, out)
