@@ -82,7 +82,8 @@ def group_advantages(rewards, group_size, scale='std', std_floor=1e-4):
     r = r.masked_fill(skip, 0.0)
     centred = r - r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True, unbiased=False)
-    zero_std = ((std < 1e-8) & ~skip).float().mean().item()
+    # equal rewards, counted by equality: their float32 std is a rounding residue (~6e-8), not 0
+    zero_std = ((r == r[:, :1]).all(dim=1, keepdim=True) & ~skip).float().mean().item()
     if scale == 'std':
         centred = centred / (std + std_floor)
     elif scale != 'none':

@@ -18,6 +18,9 @@ def test_group_advantages_by_hand():
     assert torch.allclose(adv, torch.tensor([.5, -.5, -.5, .5, 0, 0, 0, 0]))
     with pytest.raises(ValueError, match='groups of 3'):
         group_advantages(r, 3)
+    # six equal float32 rewards whose std is a rounding residue (6e-8), not 0: still a group without signal
+    _, zero_std = group_advantages(torch.tensor([0.7286418676376343] * 6), 6)
+    assert zero_std == 1.0
 
 
 def test_token_loss_by_hand():

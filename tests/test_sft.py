@@ -181,6 +181,22 @@ def test_decoder_projector_trains_at_projector_lr(trained):
     assert not any(k.startswith('projector.') for k in moved), sorted(moved)
 
 
+def test_decoder_from_scratch_starts_with_distinct_cells(trained):
+    """A decoder trained from scratch gets the sin-cos table at base_size pos_base (48: the toy's cells 16
+    units apart, not diffusers' 1) and its patch embedding at patch_init (0.25) x PyTorch's init; the table
+    is a buffer of the checkpoint, so loading the exported decoder gives it back, not the config's."""
+    run, init = trained['decoder'], trained['decoder']['init']
+    table, w = init['dit.pos_embed.pos_embed'], init['dit.pos_embed.proj.weight']
+    dim, grid = table.shape[-1], round(table.shape[1] ** 0.5)
+    assert torch.equal(table[0], D.sincos_pos_embed(dim, grid, 48))
+    assert (run['cfg']['pos_base'], run['cfg']['patch_init']) == (48, 0.25)
+    want = 0.25 / (3 * w[0].numel()) ** 0.5  # kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)), std bound/sqrt(3)
+    assert abs(w.std().item() / want - 1) < 0.15, (w.std().item(), want)
+    loaded = D.MMDiT.from_pretrained(os.path.join(run['out'], 'dit'))
+    assert torch.equal(loaded.pos_embed.pos_embed[0], table[0])
+    assert not torch.equal(table[0], D.sincos_pos_embed(dim, grid, loaded.config.sample_size // loaded.config.patch_size))
+
+
 # -----------------------------------------------------------------------------
 # 2. resume
 
