@@ -82,8 +82,7 @@ def group_advantages(rewards, group_size, scale='std', std_floor=1e-4):
     r = r.masked_fill(skip, 0.0)
     centred = r - r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True, unbiased=False)
-    # equal rewards, counted by equality: their float32 std is a rounding residue (~6e-8), not 0
-    zero_std = ((r == r[:, :1]).all(dim=1, keepdim=True) & ~skip).float().mean().item()
+    zero_std = (all_equal(r) & ~skip).float().mean().item()
     if scale == 'std':
         centred = centred / (std + std_floor)
     elif scale != 'none':
@@ -91,12 +90,18 @@ def group_advantages(rewards, group_size, scale='std', std_floor=1e-4):
     return centred.view(-1), zero_std
 
 
+def all_equal(r):
+    """(groups, 1) True for a group (row of r) whose rewards are all equal: tested by equality, since their
+    float32 std is a rounding residue (~6e-8) and r - mean(r) is +-1 ulp, not 0."""
+    return (r == r[:, :1]).all(dim=1, keepdim=True)
+
+
 def has_signal(rewards, adv, group_size):
     """(N,) True for the samples that carry a policy signal: advantage not exactly 0 and a group whose
     rewards are not all equal. The second test is needed as r - mean(r) of G equal float32 rewards is
     +-1 ulp rather than 0 (so the advantage is ~1e-3, not 0). What drop_zero_advantage keeps."""
     r = rewards.float().view(-1, group_size)
-    varied = (r != r[:, :1]).any(dim=1, keepdim=True).expand_as(r).reshape(-1)
+    varied = (~all_equal(r)).expand_as(r).reshape(-1)
     return varied & (adv != 0)
 
 
