@@ -37,10 +37,10 @@ def tiny_archs(directory):
     enc['text_config']['rope_parameters']['mrope_section'] = [4, 6, 6]  # sums to head_dim / 2 = 16
     enc['vision_config'].update(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                 fullatt_block_indexes=[0])
-    enc.update(projector_hidden_size=64, projector_out_size=32)
+    enc.update(projector_hidden_size=128, projector_out_size=64)  # whiten_projector needs >= (2, 1) x 64
     with open(os.path.join(ROOT, 'config/toy_decoder.json')) as f:
         dec = json.load(f)
-    dec.update(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+    dec.update(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
                caption_projection_dim=32, pooled_projection_dim=16)
     paths = os.path.join(directory, 'encoder.json'), os.path.join(directory, 'decoder.json')
     for path, arch in zip(paths, (enc, dec)):
@@ -179,6 +179,28 @@ def test_decoder_projector_trains_at_projector_lr(trained):
     moved = {k for k in now if not torch.equal(now[k], run['init'][k])}
     assert any(k.startswith('dit.') for k in moved)
     assert not any(k.startswith('projector.') for k in moved), sorted(moved)
+
+
+def test_decoder_projector_whitens_what_it_reads(trained, toy):
+    """From scratch, the frozen projector is fitted to whiten the LLM states it reads (projector_init='whiten'):
+    over the tokens of the captions it was fitted to (the first training scenes' complete captions) the
+    projected states have mean 0 and covariance eigenvalues l / (l + 0.01 mean(l)) of the states' own."""
+    run = trained['decoder']
+    assert run['cfg']['projector_init'] == 'whiten'
+    enc = Encoder.from_pretrained(toy['llm'])
+    enc.projector.load_state_dict({k[len('projector.'):]: v for k, v in run['init'].items() if k.startswith('projector.')})
+    _, records = world.load_split(os.path.join(toy['data'], 'train'))
+    captions = [r['captions']['complete'] for r in records]
+    with torch.no_grad():
+        hidden = enc.prompt_hidden(captions)
+        lengths = [len(enc.get_tokenizer().chat_ids(c, role='generate')) for c in captions]
+        h = torch.cat([x[:n] for x, n in zip(hidden, lengths)])  # (tokens, 64)
+        z = enc.project(h)  # (tokens, 64)
+    raw = torch.linalg.eigvalsh(torch.cov(h.T.double()))
+    assert raw.max() / raw.median() > 10  # what there was to whiten
+    got = torch.linalg.eigvalsh(torch.cov(z.T.double()))
+    assert torch.allclose(got, raw / (raw + 0.01 * raw.mean()), rtol=1e-3, atol=1e-4), (got, raw)
+    assert z.mean(0).abs().max() < 1e-3
 
 
 def test_decoder_from_scratch_starts_with_distinct_cells(trained):

@@ -37,6 +37,12 @@ def test_every_stage_runs_and_the_report_has_one_row_per_stage(run_dir):
     # the UAE after SFT reads the decoder's conditioning layer (the terse captioner's own config has none)
     sft = json.load(open(os.path.join(run_dir, 'sft', 'llm', 'config.json')))
     assert sft['prompt_layer'] == json.load(open(os.path.join(run_dir, 'dec_sft', 'llm', 'config.json')))['prompt_layer'] == 1
+    # ... and the decoder's projector (fitted to whiten what it reads), not the captioner's random one
+    from safetensors.torch import load_file
+    sft, dec, terse = (load_file(os.path.join(run_dir, d, 'llm', 'model.safetensors')) for d in ('sft', 'dec_sft', 'enc_terse'))
+    projector = [k for k in sft if k.startswith('projector.')]
+    assert projector and all((sft[k] == dec[k]).all() for k in projector)
+    assert not all((sft[k] == terse[k]).all() for k in projector)
     g4u1 = json.load(open(os.path.join(run_dir, 'g4u1', 'ckpt', 'meta.json')))['config']
     assert g4u1['llm'].endswith('sft/llm')
     # round 2 continued round 1's adapters: its configs name them
