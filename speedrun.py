@@ -20,10 +20,11 @@ The stages, each a command of the other scripts (the exact commands are in <out_
                                                       the held-out test split after each stage
     report      report.md, the curves and a contact sheet (originals / SFT / last stage)
 
-Up to `jobs` (2) stages run at once, each as soon as what it reads exists: the encoder's size stages beside
-the decoder's SFT, each evaluation beside the next training stage. A stage's thread count is fixed (`threads`
-for those in line, 1 beside them), so the results depend on the seed and `threads` only, not on which stages
-happened to run side by side.
+A stage starts as soon as what it reads exists and its threads are free (`cores` in all: more threads than
+cores slowed the decoder's SFT 3.5x). Each stage's thread count is fixed, so the results depend on the seed
+and `threads` only, not on which stages happened to run side by side: `threads` for the encoder's SFT and
+the RL stages, 1 for the decoder's SFT (the encoder's size stages, 1 each, run beside it) and for each
+evaluation (two at a time after the RL stages, which need both cores).
 
 Nothing is lost to a kill: a finished stage is recorded in <out_dir>/timing.json and skipped by the next
 run; a killed training stage continues from its last checkpoint (--resume), a killed evaluation keeps the
@@ -47,10 +48,9 @@ config = dict(
     out_dir='',             # default out/speedrun/seed<seed>
     summary='',             # comma-separated run folders: write their report card (to out_dir, a .md path) and stop
     ship='',                # a finished run folder: copy its models, logs and report into checkpoints/toy and stop
-    jobs=2,                 # stages at once
-    # threads of the stages in line (SFT, RL); those beside them (size words, evaluations) get 1. Results
-    # differ in the last bits with the thread count; 2 is faster on an idle 2-core machine (alone: encoder SFT
-    # 2.3 it/s, decoder SFT 3.5, G4U 5 s a step, U4G 4.3)
+    cores=2,                # threads running at once, over all stages
+    # threads of the encoder's SFT and the RL stages (the others get 1). Results differ in the last bits with
+    # the thread count. Alone on 2 cores with 2 threads: encoder SFT 2.3 it/s, G4U 5 s a step, U4G 4.3
     threads=2,
     scale=1.0,              # multiplies every stage's steps (a quick check of the pipeline: 0.01)
     n_train=50_000,         # the toy world's training split
@@ -61,7 +61,7 @@ config = dict(
     # decoder SFT: complete and 'named' captions (every object named, some attributes left open), its frozen
     # projector fitted to whiten the LLM states (train_sft's projector_init): validation object F1 1.0 at step
     # 750 on seed 1, whose decoder with a random projector had 0.13 after 3,000 steps (shapes at chance)
-    dec_steps=1000, dec_lr=1e-3, dec_levels="{'complete': 0.8, 'named': 0.2}",
+    dec_steps=800, dec_lr=1e-3, dec_levels="{'complete': 0.8, 'named': 0.2}",
     # G4U of round 1 does nearly all of the loop's work (I2T2I object F1 0.24 -> 0.90 in 20 steps, seed 2);
     # U4G's 40 steps moved nothing in either round (recipe C, docs/results.md)
     g4u1_steps=30, u4g1_steps=20, g4u2_steps=30, u4g2_steps=20,
@@ -88,7 +88,7 @@ def stages(cfg, out):
     steps = lambda k: max(2, round(cfg[k] * cfg['scale']))
     seed = f"--seed={cfg['seed']}"
     small = dict(data=['--n_val=50', '--n_test=8'], sft=['--batch_size=8', '--eval_images=8'],
-                 rl=['--images_per_step=2', '--group_size=2', '--eval_images=8', '--max_new_tokens=32'],
+                 rl=['--images_per_step=2', '--group_size=2', '--max_new_tokens=32'],
                  geneval=['--prompts=2'], caption=['--max_new_tokens=32'])  # an untrained captioner babbles
     small = small if cfg['small'] else {k: [] for k in small}
     s = {'data': ([], [py, 'data/shapes/prepare.py', f'--out={data}', f"--n_train={cfg['n_train']}", '--tokenizer=',
@@ -121,7 +121,7 @@ def stages(cfg, out):
     for prev, name in zip(ROUNDS, ROUNDS[1:]):
         n = steps(f'{name}_steps')
         s[name] = ([prev], [py, 'train_rl.py', f'--stage={name[:3]}', f'--data_dir={data}', seed, *model(prev),
-                            f'--steps={n}', f'--eval_every={n}', f'--save_every={max(1, n // 4)}', *small['rl'],
+                            f'--steps={n}', '--eval_images=0', f'--save_every={max(1, n // 4)}', *small['rl'],
                             *cfg[f'{name[:3]}_args'].split(), f'--out_dir={out}/{name}'])
     for name in ROUNDS:
         for task in ('unibench', 'geneval', 'understanding'):
@@ -133,7 +133,7 @@ def stages(cfg, out):
 
 
 # -----------------------------------------------------------------------------
-# running them: up to `jobs` at once, each as soon as the stages it reads are done
+# running them: each as soon as the stages it reads are done and its threads are free
 
 def assemble_sft(out):
     """<out>/sft/llm, the UAE's LLM after SFT: the terse captioner's weights (enc_terse) with the decoder's
@@ -166,32 +166,35 @@ def run_stages(cfg, out):
     done = {k for k in plan if k in timing}  # timing.json is written atomically after each stage
     running, t0 = {}, time.time()
     todo = [k for k in plan if k not in done]
-    print(f"speedrun seed {cfg['seed']}: {len(todo)} of {len(plan)} stages to run, up to {cfg['jobs']} at once -> {out}",
+    print(f"speedrun seed {cfg['seed']}: {len(todo)} of {len(plan)} stages to run on {cfg['cores']} cores -> {out}",
           flush=True)
     while todo or running:
-        for k in [k for k in todo if all(d in done for d in plan[k][0])][:cfg['jobs'] - len(running)]:
-            todo.remove(k)
+        for k in [k for k in todo if all(d in done for d in plan[k][0])]:
             deps, cmd = plan[k]
             if cmd is None:  # the sft check
+                todo.remove(k)
                 timing[k] = assemble_sft(out)
                 save_json(timing, timing_path)
                 done.add(k)
                 continue
+            n = cfg['threads'] if k == 'enc_sft' or k in ROUNDS else 1
+            if sum(r[3] for r in running.values()) + n > cfg['cores']:
+                break  # in the plan's order: no later stage takes the cores this one waits for
+            todo.remove(k)
             if os.path.exists(f'{out}/{k}/ckpt'):  # killed mid-way: continue from its checkpoint
                 cmd = cmd + ['--resume=True']
             log = open(f'{out}/logs/{k}.log', 'a')
-            n = 1 if k in ('enc_size', 'enc_terse') or k.startswith('eval_') else cfg['threads']
             env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
-            running[k] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log)
+            running[k] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), log, n)
             print(f'[{(time.time() - t0) / 60:5.1f} min] start {k}', flush=True)
         time.sleep(0.5)
-        for k, (proc, start, log) in list(running.items()):
+        for k, (proc, start, log, _) in list(running.items()):
             if proc.poll() is None:
                 continue
             log.close()
             del running[k]
             if proc.returncode:
-                for other, (p, _, _) in running.items():
+                for other, (p, _, _, _) in running.items():
                     p.terminate()
                 tail = open(f'{out}/logs/{k}.log').read().strip().splitlines()[-5:]
                 raise ValueError(f"stage {k} failed (exit {proc.returncode}); {out}/logs/{k}.log ends:\n" + '\n'.join(tail))
@@ -300,12 +303,12 @@ def write_report(runs, path):
             lines.append(f'- `{r}`: still running')
             continue
         main_line = ', '.join(f'{k} {v / 60:.1f}' for k, v in t.items() if k != 'wall' and not k.startswith('eval_'))
-        lines.append(f"- `{r}`: {t['wall'] / 60:.1f} min ({main_line}; the 15 evaluations "
-                     f"{sum(v for k, v in t.items() if k.startswith('eval_')) / 60:.1f} min, beside training)")
+        lines.append(f"- `{r}`: {t['wall'] / 60:.1f} min ({main_line}; the 15 evaluations, one thread each, "
+                     f"{sum(v for k, v in t.items() if k.startswith('eval_')) / 60:.1f} min of one core)")
     first = os.path.relpath(runs[0], os.path.dirname(os.path.abspath(path)))
     first = '' if first == '.' else first + '/'
     lines += ['', f'## Figures (`{runs[0]}`)', '',
-              f'G4U rounds 1 and 2 (reward, caption tokens, held-out object F1, the decoder from true captions):', '',
+              f'G4U rounds 1 and 2 (reward and caption tokens per step):', '',
               f'![G4U round 1]({first}g4u1/curves.png) ![G4U round 2]({first}g4u2/curves.png)', '',
               'Test images; their reconstructions after SFT; after the last stage:', '',
               f'![contact sheet]({first}contact_sheet.png)', '',
@@ -359,10 +362,12 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_report(runs, path)
         return
+    if not 1 <= cfg['threads'] <= cfg['cores']:
+        raise ValueError(f"--threads={cfg['threads']} must be between 1 and --cores={cfg['cores']}")
     out = cfg['out_dir'] or f"out/speedrun/seed{cfg['seed']}"
     os.makedirs(out, exist_ok=True)
     saved = f'{out}/config.json'
-    what = lambda c: {k: v for k, v in c.items() if k not in ('summary', 'ship', 'jobs')}  # what decides the results
+    what = lambda c: {k: v for k, v in c.items() if k not in ('summary', 'ship', 'cores')}  # what decides the results
     if os.path.exists(saved) and what(read_json(saved)) != what(cfg):
         raise ValueError(f'{saved} holds another configuration: continue with the same options or use another --out_dir')
     save_json(cfg, saved)

@@ -98,6 +98,7 @@ config = dict(
     coldstart_steps=4,
     grad_checkpointing=False,        # the DiT recomputes each block in the backward (real models: docs/memory_plan.md)
     # evaluation on held-out images (the validation split), logging, checkpoints
+    # eval_images=0: no held-out evaluation (the speedrun evaluates each stage with bench.py afterwards)
     eval_every=25, eval_images=100, eval_steps=20, eval_temperature=0.7,
     eval_batch=0,                    # held-out images captioned / reconstructed at once; 0 = all
     log_every=1, save_every=50,
@@ -411,7 +412,8 @@ def load_data(cfg, size):
         batch = lambda idx: (np.stack([images[i] for i in idx]), [records[i]['captions']['complete'] for i in idx])
         return len(records), batch, val_images[:n_val], [r['scene'] for r in val_records[:n_val]]
     files = image_files(os.path.join(cfg['data_dir'], 'train'))
-    val_images = np.stack([square_image(f, size) for f in image_files(os.path.join(cfg['data_dir'], 'val'))[:n_val]])
+    val_images = np.zeros((0, size, size, 3), np.uint8) if not n_val else np.stack(
+        [square_image(f, size) for f in image_files(os.path.join(cfg['data_dir'], 'val'))[:n_val]])
     return len(files), lambda idx: (np.stack([square_image(files[i], size) for i in idx]), None), val_images, None
 
 
@@ -510,8 +512,10 @@ def main():
     cfg = configure(config)
     # every value is checked before anything loads
     require_positive(cfg, 'log_every', 'eval_every', 'save_every', 'images_per_step', 'group_size', 'micro_batch',
-                     'max_nonfinite', 'eval_images', 'num_iterations')
-    require_positive(cfg, 'steps', minimum=0)  # 0: evaluate only
+                     'max_nonfinite', 'num_iterations')
+    require_positive(cfg, 'steps', 'eval_images', minimum=0)  # steps 0: evaluate only
+    if not cfg['steps'] and not cfg['eval_images']:
+        raise ValueError('steps=0 evaluates only, and eval_images=0 evaluates nothing: nothing to do')
     stage = cfg['stage']
     if stage not in ('coldstart', 'g4u', 'u4g'):
         raise ValueError(f"--stage must be coldstart, g4u or u4g, got {stage!r}")
@@ -581,7 +585,7 @@ def main():
 
     # u4g is judged on fixed captions from the frozen encoder, so only the decoder can move the number
     fixed = None
-    if stage == 'u4g' and master:
+    if stage == 'u4g' and master and cfg['eval_images']:
         with autocast(device, cfg['dtype']):
             fixed = eval_captions(cfg, enc, val_images, torch.Generator(device).manual_seed(cfg['seed']))[0]
 
@@ -616,7 +620,7 @@ def main():
         plot_curves(rows, os.path.join(out_dir, 'curves.png'),
                     ('reward', 'caption_tokens', *val) if stage != 'coldstart' else ('loss', *val))
 
-    if master and step == 0:
+    if master and step == 0 and cfg['eval_images']:
         run_eval(0)
     per_rank = cfg['images_per_step'] // world_size
     t_start, step_start, streak = time.time(), step, 0
@@ -669,7 +673,7 @@ def main():
                 print(f'step {step}/{cfg["steps"]} | ' + ' | '.join(
                     f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in stats.items() if k != 'step')
                     + f' | ETA {eta / 60:.1f} min', flush=True)
-            if step % cfg['eval_every'] == 0 or step == cfg['steps']:
+            if cfg['eval_images'] and (step % cfg['eval_every'] == 0 or step == cfg['steps']):
                 run_eval(step)
             if step % cfg['save_every'] == 0 or step == cfg['steps']:
                 save(step)

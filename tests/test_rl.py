@@ -295,6 +295,18 @@ def test_nothing_kept_makes_no_update(toy, monkeypatch, stage):
     assert all(v.abs().max() == 0 for k, v in trainable_weights(out).items() if 'lora_B' in k)
 
 
+@pytest.mark.parametrize('stage', ['g4u', 'u4g'])
+def test_eval_images_0_evaluates_nothing(toy, stage):
+    """eval_images=0 (the speedrun, which evaluates every stage with bench.py): the log has the training rows
+    only, none at step 0; with steps=0 too there is nothing to do, and that is an error."""
+    out = toy.dir / f'no_eval_{stage}'
+    run_main(cli(toy, stage, out, steps=2, eval_images=0, eval_every=1, save_every=100))
+    rows = read_log(out)
+    assert [r['step'] for r in rows] == [1, 2] and not any(k.startswith('val_') for r in rows for k in r), rows
+    with pytest.raises(ValueError, match='nothing to do'):
+        run_main(cli(toy, stage, toy.dir / f'no_eval_{stage}_0', steps=0, eval_images=0))
+
+
 def test_num_iterations_updates_on_the_same_rollouts(toy):
     """Two updates per step: the second sees a ratio off 1 (logged for the last update), and the
     weights move further than with one update on the same rollouts."""
