@@ -69,9 +69,7 @@ config = dict(
     # reached held-out object F1 0.635 at step 15 against 0.406, for 7 % more CPU; U4G without its
     # zero-advantage samples (44 % of them) learnt as much in 10 steps for 23 % less CPU.
     # G4U's adapter on LLM layers 1-3 only, as the size-word stages: the decoder reads the states after
-    # layer 0, so the captions change and what the decoder reads of them does not. With layer 0 adapted too,
-    # the decoder's reading of true captions fell from 0.99 to 0.47 in 40 steps (seed 2) and I2T2I object F1
-    # rose to 0.43; with layers 1-3, to 0.91 in 20 steps, reading unchanged
+    # layer 0 (train_rl.py's default now, for an LLM with prompt_layer 1; spelled out as the measured runs had it)
     g4u_args=r'--num_iterations=2 --llm_lora_targets=model\.language_model\.layers\.[123]\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)',
     u4g_args='--drop_zero_advantage=True',
 )

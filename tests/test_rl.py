@@ -27,7 +27,7 @@ import train_rl  # noqa: E402
 from common import load_safetensors, save_safetensors  # noqa: E402
 from data.shapes import prepare, world  # noqa: E402
 from images import to_pil  # noqa: E402
-from lora import apply_lora, lora_disabled, lora_layers  # noqa: E402
+from lora import apply_lora, lora_disabled, lora_layers, matches  # noqa: E402
 from model_decoder import LinearCodec, MMDiT, MMDiTConfig  # noqa: E402
 from model_encoder import Encoder, EncoderConfig  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -141,6 +141,20 @@ def test_sde_rollout_logprobs_equal_their_reevaluation(toy):
             with torch.no_grad(), lora_disabled(dit):
                 ref, _, _ = D.transition_logprob(dit, transitions[1], *args)
             assert (ref - transitions[1]['log_prob']).abs().max() > 1e-3
+
+
+def test_llm_lora_leaves_the_layers_below_prompt_layer_alone(toy):
+    """The decoder reads the LLM states after prompt_layer layers: G4U's adapter is on the layers from there
+    on (what the decoder reads of a caption stays put), unless llm_lora_below_prompt_layer; with no
+    prompt_layer (UAE: the last layer) the targets are as given."""
+    enc = load_uae(toy.cfg, 'cpu')[0]
+    cfg = dict(toy.cfg, llm_lora_below_prompt_layer=False)
+    every = [n for n, m in enc.named_modules() if isinstance(m, torch.nn.Linear) and matches(n, cfg['llm_lora_targets'])]
+    assert enc.config.prompt_layer is None and train_rl.llm_targets(enc, cfg) == cfg['llm_lora_targets']
+    enc.config.prompt_layer = 1
+    kept = train_rl.llm_targets(enc, cfg)
+    assert kept == [n for n in every if '.layers.0.' not in n] and len(kept) < len(every)
+    assert train_rl.llm_targets(enc, dict(cfg, llm_lora_below_prompt_layer=True)) == cfg['llm_lora_targets']
 
 
 def test_first_g4u_step_is_on_policy(toy):
