@@ -91,6 +91,11 @@ def _pattern_value(name, pattern, default):
     return default
 
 
+def target_names(model, targets):
+    """Names of the nn.Linear layers of `model` that `targets` matches, in module order."""
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and matches(n, targets)]
+
+
 def apply_lora(model, targets, r, alpha, init='gaussian', use_rslora=False,
                rank_pattern=None, alpha_pattern=None):
     """Replace every nn.Linear of `model` whose name matches `targets` by a LoRALinear.
@@ -98,7 +103,7 @@ def apply_lora(model, targets, r, alpha, init='gaussian', use_rslora=False,
     Returns the names of the wrapped layers; matching nothing is an error (a typo in a target list
     must not train zero parameters silently).
     """
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and matches(n, targets)]
+    names = target_names(model, targets)
     if not names:
         raise ValueError(f"LoRA targets {targets!r} match no linear layer of {type(model).__name__}")
     for name in names:

@@ -37,7 +37,7 @@ from common import (autocast, configure, keep_freed_memory, require_positive, ru
 from data.shapes import world
 from embedders import SCENE_METRICS, load_embedder, similarities
 from images import IMAGE_EXTENSIONS, load_image, to_pil, to_pixels, to_uint8
-from lora import apply_lora, lora_disabled, lora_layers, lora_parameters, matches, save_peft
+from lora import apply_lora, lora_disabled, lora_layers, lora_parameters, save_peft, target_names
 from pipeline import caption, caption_texts, draw, load_uae
 
 TOY = 'checkpoints/toy'  # the shipped toy checkpoints
@@ -504,7 +504,7 @@ def llm_targets(enc, cfg):
     layer, targets = enc.config.prompt_layer, cfg['llm_lora_targets']
     if layer is None or cfg['llm_lora_below_prompt_layer']:
         return targets
-    names = [n for n, m in enc.named_modules() if type(m) is torch.nn.Linear and matches(n, targets)]
+    names = target_names(enc, targets)
     index = [re.search(r'\.language_model\.layers\.(\d+)\.', n) for n in names]
     kept = [n for n, i in zip(names, index) if i is None or int(i[1]) >= layer]
     if len(kept) < len(names):
@@ -612,6 +612,8 @@ def main():
             fixed = eval_captions(cfg, enc, val_images, torch.Generator(device).manual_seed(cfg['seed']))[0]
 
     def run_eval(step):
+        if not cfg['eval_images']:
+            return
         with autocast(device, cfg['dtype']):
             result, _ = evaluate(cfg, enc, dit, codec, pooled, val_images, val_scenes, fixed, embedders)
         rows.append(dict(step=step, **{f'val_{k}': v for k, v in result.items()}))
@@ -642,7 +644,7 @@ def main():
         plot_curves(rows, os.path.join(out_dir, 'curves.png'),
                     ('reward', 'caption_tokens', *val) if stage != 'coldstart' else ('loss', *val))
 
-    if master and step == 0 and cfg['eval_images']:
+    if master and step == 0:
         run_eval(0)
     per_rank = cfg['images_per_step'] // world_size
     t_start, step_start, streak = time.time(), step, 0
@@ -695,7 +697,7 @@ def main():
                 print(f'step {step}/{cfg["steps"]} | ' + ' | '.join(
                     f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in stats.items() if k != 'step')
                     + f' | ETA {eta / 60:.1f} min', flush=True)
-            if cfg['eval_images'] and (step % cfg['eval_every'] == 0 or step == cfg['steps']):
+            if step % cfg['eval_every'] == 0 or step == cfg['steps']:
                 run_eval(step)
             if step % cfg['save_every'] == 0 or step == cfg['steps']:
                 save(step)

@@ -167,6 +167,17 @@ def build_encoder(cfg, device):
     return enc
 
 
+def token_states(enc, captions, batch=128):
+    """(tokens, d): the LLM states the decoder reads (enc.prompt_hidden) of every token of every caption,
+    without the padding."""
+    tok, states = enc.get_tokenizer(), []
+    for i in range(0, len(captions), batch):
+        chunk = captions[i:i + batch]
+        hidden = enc.prompt_hidden(chunk)  # (B, L, d), padded on the right: keep each caption's own tokens
+        states += [h[:len(tok.chat_ids(t, role='generate'))] for h, t in zip(hidden, chunk)]
+    return torch.cat(states)
+
+
 def whiten_projector(enc, captions, eps=1e-2):
     """Set UAE's projector, Linear(d, >=2d) -> GELU -> Linear(>=2d, >=d), to the whitening of the LLM states
     it reads, (h - mean) @ W with W = C^(-1/2) for the states' covariance C over every token of `captions`
@@ -176,13 +187,8 @@ def whiten_projector(enc, captions, eps=1e-2):
     if first.out_features < 2 * d or last.out_features < d:
         raise ValueError(f'projector_init=whiten needs projector sizes >= ({2 * d}, {d}) for LLM width {d}, '
                          f'got ({first.out_features}, {last.out_features})')
-    tok, states = enc.get_tokenizer(), []
     with torch.no_grad():
-        for i in range(0, len(captions), 128):
-            chunk = captions[i:i + 128]
-            hidden = enc.prompt_hidden(chunk)  # (B, L, d), padded on the right: keep each caption's own tokens
-            states += [h[:len(tok.chat_ids(t, role='generate'))] for h, t in zip(hidden, chunk)]
-        x = torch.cat(states).double()
+        x = token_states(enc, captions).double()
         mean = x.mean(0)
         eigval, eigvec = torch.linalg.eigh(torch.cov((x - mean).T))
         w = eigvec @ torch.diag((eigval + eps * eigval.mean()).rsqrt()) @ eigvec.T  # (d, d), symmetric

@@ -192,9 +192,7 @@ def test_decoder_projector_whitens_what_it_reads(trained, toy):
     _, records = world.load_split(os.path.join(toy['data'], 'train'))
     captions = [r['captions']['complete'] for r in records]
     with torch.no_grad():
-        hidden = enc.prompt_hidden(captions)
-        lengths = [len(enc.get_tokenizer().chat_ids(c, role='generate')) for c in captions]
-        h = torch.cat([x[:n] for x, n in zip(hidden, lengths)])  # (tokens, 64)
+        h = train_sft.token_states(enc, captions)  # (tokens, 64)
         z = enc.project(h)  # (tokens, 64)
     raw = torch.linalg.eigvalsh(torch.cov(h.T.double()))
     assert raw.max() / raw.median() > 10  # what there was to whiten
