@@ -500,117 +500,6 @@ def checkpoints(cfg, arch, mode):
 
 
 # -----------------------------------------------------------------------------
-# parity with diffusers and transformers on the device, in fp32 and in bf16
-
-# the configs compared: on a GPU moderate (SD3.5-Large's head size 64 and qk RMSNorm, 4 blocks, 1,024 image
-# + 77 text tokens; a 4-layer GQA LLM with a 4-block vision tower, 64 image tokens), on a CPU tiny
-PARITY = dict(
-    cuda=dict(dit=dict(sample_size=64, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
-                       num_attention_heads=8, joint_attention_dim=1024, caption_projection_dim=512,
-                       pooled_projection_dim=256, out_channels=16, pos_embed_max_size=96, qk_norm='rms_norm'),
-              latent=64, text=77,
-              llm=dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=2, mrope_section=[8, 12, 12],
-                       vision_depth=4, vision_hidden_size=256, vision_intermediate_size=512, vision_num_heads=4,
-                       patch_size=14, window_size=112, fullatt_block_indexes=[3]),
-              grid=(1, 16, 16), prompt=40),
-    cpu=dict(dit=SMALL['dit'], latent=16, text=7, llm=SMALL['llm'], grid=(1, 8, 12), prompt=10),
-)
-
-
-def random_weights(model, seed):
-    """Weights of unit gain (std 1 / sqrt(fan-in)), norm scales 1 + N(0, 0.1), biases N(0, 0.1): outputs of
-    order one, every parameter mattering (diffusers' zero-initialised layers would hide a missing term)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + ('norm' in name or 'ln_q' in name))
-    return model
-
-
-def relative_error(got, want):
-    return float((got.float() - want.float()).norm() / want.float().norm())
-
-
-def parity(device):
-    """Our decoder (model_decoder.MMDiT) and encoder (model_encoder.Encoder) against diffusers'
-    SD3Transformer2DModel and transformers' Qwen2_5_VLForConditionalGeneration with the same random weights
-    and inputs, on `device`: in fp32 ours must equal the reference to rounding (relative error
-    |ours - ref| / |ref| below 1e-5 on a CPU, 1e-4 on a GPU, TF32 off); in bf16 (weights and inputs, as
-    the real runs hold them, no autocast) ours must be as near the fp32 reference as the reference's own
-    bf16 output is (at most 1.5x its error + 1e-3) and within 5 %. Returns {model: result}."""
-    from diffusers import SD3Transformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    import diffusers
-    import transformers
-    import model_decoder as D
-    from model_encoder import Encoder, EncoderConfig
-    diffusers.logging.set_verbosity_error()  # notes on casting the references with .to() and on their configs
-    transformers.logging.set_verbosity_error()
-    device = torch.device(device)
-    p = PARITY['cuda' if device.type == 'cuda' else 'cpu']
-    fp32_tol = 1e-4 if device.type == 'cuda' else 1e-5
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    g = torch.Generator().manual_seed(0)
-    # the decoder: velocity (B, 16, h, w) for latents, timesteps, text context and pooled vector
-    ref = random_weights(SD3Transformer2DModel(**p['dit']), 1).eval()
-    ours = D.MMDiT(D.MMDiTConfig(**p['dit'])).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    c = p['dit']
-    x = torch.randn(2, c['in_channels'], p['latent'], p['latent'], generator=g)
-    ctx = torch.randn(2, p['text'], c['joint_attention_dim'], generator=g)
-    pooled, t = torch.randn(2, c['pooled_projection_dim'], generator=g), torch.tensor([250.0, 900.0])
-    run_ref = lambda m, dt: m(hidden_states=x.to(device, dt), encoder_hidden_states=ctx.to(device, dt),
-                              pooled_projections=pooled.to(device, dt), timestep=t.to(device)).sample
-    run_ours = lambda m, dt: m(x.to(device, dt), t.to(device), ctx.to(device, dt), pooled.to(device, dt))
-    dit = (ref, ours, run_ref, run_ours, None)
-    # the encoder: logits (B, L, vocab) of a left-padded batch, one row with an image, one text only
-    V = p['llm']['vocab_size']
-    ec = EncoderConfig(**p['llm'], image_token_id=V - 3, vision_start_token_id=V - 2, vision_end_token_id=V - 1,
-                       eos_token_id=V - 4)
-    ours = random_weights(Encoder(ec), 2).eval()
-    hf_config = {k: v for k, v in ec.to_hf().items() if not k.startswith(('projector', 'architectures', 'model_type'))}
-    ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config)).eval()
-    ref.load_state_dict(ours.state_dict(), strict=True)
-    grid = torch.tensor([p['grid']])
-    n_img = int(grid.prod()) // ec.spatial_merge_size ** 2
-    text = lambda n: torch.randint(0, V - 4, (n,), generator=g).tolist()
-    rows = [text(5) + [V - 2] + [V - 3] * n_img + [V - 1] + text(p['prompt']), text(p['prompt'])]
-    L = max(map(len, rows))
-    ids = torch.tensor([[0] * (L - len(r)) + r for r in rows])
-    mask = torch.arange(L) >= L - torch.tensor([len(r) for r in rows])[:, None]
-    pixels = torch.randn(int(grid.prod()), 3 * ec.temporal_patch_size * ec.patch_size ** 2, generator=g)
-    batch = lambda dt: dict(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            pixel_values=pixels.to(device, dt), image_grid_thw=grid.to(device))
-    run_ref = lambda m, dt: m(**batch(dt), mm_token_type_ids=(ids == V - 3).int().to(device)).logits
-    run_ours = lambda m, dt: m(**batch(dt))
-    enc = (ref, ours, run_ref, run_ours, mask.to(device))
-    results = {}
-    try:
-        for name, (ref, ours, run_ref, run_ours, keep) in (('decoder', dit), ('encoder', enc)):
-            pick = (lambda y: y[keep]) if keep is not None else (lambda y: y)  # logits of real tokens only
-            out = {}
-            with torch.no_grad():
-                for dt in (torch.float32, torch.bfloat16):
-                    ref.to(device, dt)
-                    ours.to(device, dt)
-                    out[dt] = pick(run_ref(ref, dt)).float(), pick(run_ours(ours, dt)).float()
-            full = out[torch.float32][0]
-            r = dict(fp32=relative_error(out[torch.float32][1], full), bf16=relative_error(out[torch.bfloat16][1], full),
-                     bf16_reference=relative_error(out[torch.bfloat16][0], full), fp32_tol=fp32_tol)
-            r['bf16_tol'] = min(1.5 * r['bf16_reference'] + 1e-3, 0.05)
-            r['ok'] = bool(r['fp32'] < fp32_tol and r['bf16'] <= r['bf16_tol'])
-            results[name] = r
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    return results
-
-
-# -----------------------------------------------------------------------------
 # the GPU acceptance run: what a lent GPU should run first
 
 # full depth: SD3.5-Large's 38 blocks, Qwen2.5-VL-3B's 36 layers and 32 vision blocks
@@ -630,11 +519,11 @@ def command(name, argv, env=None, timeout=None):
 
 def gpu_acceptance(cfg):
     """On CUDA: the kernel tests (bf16 too), attention speed Triton vs SDPA, decoder and encoder parity with
-    diffusers / transformers in fp32 and bf16 (parity()), the rehearsal at full depth at
+    diffusers / transformers in fp32 and bf16 (tools/parity.py), the rehearsal at full depth at
     512^2 and 1024^2 with torch.cuda.max_memory_allocated per phase, and a two-step G4U under torchrun on
     all GPUs. Without CUDA, the same steps at the small widths (the rehearsal, torchrun on 2 CPU ranks
     over gloo), and every GPU-only check listed as not exercised."""
-    from common import pick_device
+    from common import pick_device, read_json
     device = pick_device(cfg['device'])
     cuda = device.type == 'cuda'
     n_gpu = torch.cuda.device_count() if cuda else 0
@@ -658,11 +547,11 @@ def gpu_acceptance(cfg):
         report['not_exercised'].append('attention speed, Triton vs SDPA (bench_speed.py --task attention)')
     # 3. decoder and encoder parity against diffusers / transformers on the device, fp32 and bf16
     if 'parity' in todo_checks:
-        t0 = time.time()
-        report['parity'] = parity(device)
-        checks['parity'] = dict(ok=all(r['ok'] for r in report['parity'].values()), seconds=time.time() - t0)
-        print(f"parity: {'ok' if checks['parity']['ok'] else 'FAILED'} in {checks['parity']['seconds']:.0f} s",
-              flush=True)
+        out = os.path.join(cfg['out_dir'], 'gpu', 'parity.json')
+        if os.path.exists(out):
+            os.remove(out)  # a crashed check must not report the last run's figures
+        checks['parity'] = command('parity', [py, 'tools/parity.py', f'--device={device}', f'--out={out}'])
+        report['parity'] = read_json(out) if os.path.exists(out) else {}
     if not cuda:
         report['not_exercised'].append('decoder / encoder parity on CUDA in bf16 (ran: on the CPU, tiny configs)')
     # 4. the rehearsal: full depth on a GPU at 512 and 1024, else the small widths
