@@ -213,9 +213,8 @@ def read_row(out, name):
     its reconstructions that should be empty are (world.empty_cell_residual, the parser ignores ghosts)."""
     from data.shapes import world
     _, records = world.load_split(f'{out}/data/test')
-    residual = [world.empty_cell_residual(Image.open(f'{out}/eval_{name}/unibench/recon_{i}.png').convert('RGB'),
-                                          r['scene']) for i, r in enumerate(records)]
-    row = {'unibench.empty_cells': float(np.mean([x for x in residual if x is not None]))}
+    recon = [Image.open(f'{out}/eval_{name}/unibench/recon_{i}.png').convert('RGB') for i in range(len(records))]
+    row = {'unibench.empty_cells': world.mean_empty_cell_residual(recon, [r['scene'] for r in records])}
     for task in ('unibench', 'geneval', 'understanding'):
         path = f'{out}/eval_{name}/{task}/{"scores" if task == "unibench" else task}.json'
         summary = read_json(path)['summary']

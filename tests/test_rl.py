@@ -27,7 +27,7 @@ import train_rl  # noqa: E402
 from common import load_safetensors, save_safetensors  # noqa: E402
 from data.shapes import prepare, world  # noqa: E402
 from images import to_pil  # noqa: E402
-from lora import apply_lora, lora_disabled, lora_layers, matches  # noqa: E402
+from lora import apply_lora, lora_disabled, lora_layers, target_names  # noqa: E402
 from model_decoder import LinearCodec, MMDiT, MMDiTConfig  # noqa: E402
 from model_encoder import Encoder, EncoderConfig  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -149,7 +149,7 @@ def test_llm_lora_leaves_the_layers_below_prompt_layer_alone(toy):
     prompt_layer (UAE: the last layer) the targets are as given."""
     enc = load_uae(toy.cfg, 'cpu')[0]
     cfg = dict(toy.cfg, llm_lora_below_prompt_layer=False)
-    every = [n for n, m in enc.named_modules() if isinstance(m, torch.nn.Linear) and matches(n, cfg['llm_lora_targets'])]
+    every = target_names(enc, cfg['llm_lora_targets'])
     assert enc.config.prompt_layer is None and train_rl.llm_targets(enc, cfg) == cfg['llm_lora_targets']
     enc.config.prompt_layer = 1
     kept = train_rl.llm_targets(enc, cfg)

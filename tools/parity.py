@@ -140,10 +140,10 @@ def main():
     from common import configure, pick_device, save_json
     cfg = configure(config)
     results = parity(pick_device(cfg['device']))
-    print(f"{'parity':<9} {'fp32 err':>9} {'tol':>7} {'bf16 err':>9} {'reference':>9} {'tol':>7}  ok")
+    print('| parity | fp32 err | tol | bf16 err | reference | tol | ok |\n|---|---:|---:|---:|---:|---:|---|')
     for name, r in results.items():
-        print(f"{name:<9} {r['fp32']:>9.1e} {r['fp32_tol']:>7.0e} {r['bf16']:>9.2e} "
-              f"{r['bf16_reference']:>9.2e} {r['bf16_tol']:>7.1e}  {'yes' if r['ok'] else 'NO'}")
+        print(f"| {name} | {r['fp32']:.1e} | {r['fp32_tol']:.0e} | {r['bf16']:.2e} | {r['bf16_reference']:.2e} "
+              f"| {r['bf16_tol']:.1e} | {'yes' if r['ok'] else 'NO'} |")
     if cfg['out']:
         os.makedirs(os.path.dirname(os.path.abspath(cfg['out'])), exist_ok=True)
         save_json(results, cfg['out'])

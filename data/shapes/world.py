@@ -328,6 +328,12 @@ def empty_cell_residual(img, scene):
              for r in range(GRID) for c in range(GRID) if (r, c) not in occupied]
     return float(np.mean([np.abs(cell - bg).max(-1).mean() for cell in cells]) / 255) if cells else None
 
+
+def mean_empty_cell_residual(images, scenes):
+    """empty_cell_residual averaged over the images whose scene leaves a cell empty (the reports' ghosts)."""
+    residual = [empty_cell_residual(im, s) for im, s in zip(images, scenes)]
+    return float(np.mean([r for r in residual if r is not None]))
+
 # -----------------------------------------------------------------------------
 # loading a split written by prepare.py
 
