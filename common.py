@@ -447,3 +447,40 @@ def teardown_distributed():
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def all_gather_cat(x, world_size):
+    """Concatenate a tensor from every rank (rank order), so group statistics see whole groups."""
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_grads(params, world_size):
+    """Sum the LoRA gradients of all ranks (each rank's loss is already normalised by the global count)."""
+    if world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):  # torch.cat promoted mixed dtypes
+        p.grad = g.view_as(p).to(p.dtype)
+
+
+def check_ranks_in_sync(named):
+    """Raise if the trainable weights differ between ranks, else return their number. Without
+    DistributedDataParallel nothing else would notice replicas drifting apart (a missed all-reduce, a
+    rank-dependent draw). Element-wise max and min over the ranks agree exactly where all ranks do:
+    two all-reduces of one flat copy, instead of gathering every rank's copy on one GPU."""
+    flat = torch.cat([p.detach().reshape(-1).float() for p in named.values()])
+    hi, lo = flat.clone(), flat.clone()
+    torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        sizes = [p.numel() for p in named.values()]
+        bad = [n for n, h, l in zip(named, hi.split(sizes), lo.split(sizes)) if not torch.equal(h, l)]
+        raise RuntimeError(f'ranks diverged: {len(bad)} of {len(named)} trainable tensors differ '
+                           f'(max |difference| {(hi - lo).max().item():.3g}), e.g. {bad[:3]}')
+    return flat.numel()

@@ -32,8 +32,8 @@ import model_decoder as D
 from checkpoint import (check_checkpoint, check_optimizer_files, check_run_dir, load_checkpoint,
                         optimizer_from_files, optimizer_to_files, save_checkpoint, skip_nonfinite,
                         truncate_log)
-from common import (autocast, configure, keep_freed_memory, require_positive, run, setup_distributed,
-                    teardown_distributed)
+from common import (all_gather_cat, all_reduce_grads, autocast, check_ranks_in_sync, configure, keep_freed_memory,
+                    require_positive, run, setup_distributed, teardown_distributed)
 from data.shapes import world
 from embedders import SCENE_METRICS, load_embedder, similarities
 from images import IMAGE_EXTENSIONS, load_image, to_pil, to_pixels, to_uint8
@@ -425,44 +425,7 @@ def load_data(cfg, size):
 
 
 # -----------------------------------------------------------------------------
-# distributed helpers and the curves figure
-
-def all_gather_cat(x, world_size):
-    """Concatenate a tensor from every rank (rank order), so group statistics see whole groups."""
-    if world_size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def all_reduce_grads(params, world_size):
-    """Sum the LoRA gradients of all ranks (each rank's loss is already normalised by the global count)."""
-    if world_size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):  # torch.cat promoted mixed dtypes
-        p.grad = g.view_as(p).to(p.dtype)
-
-
-def check_ranks_in_sync(named):
-    """Raise if the trainable weights differ between ranks, else return their number. Without
-    DistributedDataParallel nothing else would notice replicas drifting apart (a missed all-reduce, a
-    rank-dependent draw). Element-wise max and min over the ranks agree exactly where all ranks do:
-    two all-reduces of one flat copy, instead of gathering every rank's copy on one GPU."""
-    flat = torch.cat([p.detach().reshape(-1).float() for p in named.values()])
-    hi, lo = flat.clone(), flat.clone()
-    dist.all_reduce(hi, dist.ReduceOp.MAX)
-    dist.all_reduce(lo, dist.ReduceOp.MIN)
-    if not torch.equal(hi, lo):
-        sizes = [p.numel() for p in named.values()]
-        bad = [n for n, h, l in zip(named, hi.split(sizes), lo.split(sizes)) if not torch.equal(h, l)]
-        raise RuntimeError(f'ranks diverged: {len(bad)} of {len(named)} trainable tensors differ '
-                           f'(max |difference| {(hi - lo).max().item():.3g}), e.g. {bad[:3]}')
-    return flat.numel()
-
+# the curves figure
 
 def plot_curves(rows, path, keys=('reward', 'caption_tokens')):
     """The aha-moment figure, drawn with PIL: each logged key against the step, one panel each, with the
@@ -529,10 +492,9 @@ def named_trainables(enc, dit):
             for n, p in m.named_parameters() if p.requires_grad}
 
 
-def main():
-    keep_freed_memory()
-    cfg = configure(config)
-    # every value is checked before anything loads
+def check_config(cfg):
+    """Every value checked before anything loads; llm_lora=None resolved, so the saved config says which
+    adapter was used."""
     require_positive(cfg, 'log_every', 'eval_every', 'save_every', 'images_per_step', 'group_size', 'micro_batch',
                      'max_nonfinite', 'num_iterations')
     require_positive(cfg, 'steps', 'eval_images', minimum=0)  # steps 0: evaluate only
@@ -547,9 +509,66 @@ def main():
         raise ValueError('--num_iterations and --drop_zero_advantage are GRPO options (g4u, u4g), not coldstart\'s')
     if cfg['kl_form'] not in ('exact', 'flow_grpo'):
         raise ValueError(f"--kl_form must be 'exact' or 'flow_grpo', got {cfg['kl_form']!r}")
-    if cfg['llm_lora'] is None:  # resolved here, so the saved config says which adapter was used
+    if cfg['llm_lora'] is None:
         toy = stage == 'u4g' and cfg['llm'] == f'{TOY}/llm'
         cfg['llm_lora'] = f'{TOY}/llm_lora' if toy else ''
+    return cfg
+
+
+def restore(named, opt, weights, meta, path):
+    """A checkpoint's trainable weights and optimiser state into this run's, every tensor checked against
+    what this run trains before anything is copied (its optimiser state is stored by parameter name: save)."""
+    check_checkpoint(dict(trainable=named, optimizer=check_optimizer_files(
+        weights['optimizer'], meta['optimizer'], [named], path)), weights, path)
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(weights['trainable'][n])
+    names = list(named)
+    osd = optimizer_from_files(weights['optimizer'], meta['optimizer'])
+    osd['state'] = {names.index(n): s for n, s in osd['state'].items()}
+    osd['param_groups'] = [dict(g, params=[names.index(n) for n in g['params']]) for g in osd['param_groups']]
+    opt.load_state_dict(osd)
+
+
+def save(cfg, out_dir, step, named, opt, enc, dit, rows, skipped, toy):
+    """out_dir/ckpt (what --resume reads: the trainable weights, the optimiser state, the log rows), the
+    trained adapters in PEFT format and the curves."""
+    names, stage = list(named), cfg['stage']
+    osd = opt.state_dict()  # keyed by parameter index: stored by name so the file explains itself
+    osd = dict(state={names[i]: s for i, s in osd['state'].items()},
+               param_groups=[dict(g, params=[names[i] for i in g['params']]) for g in osd['param_groups']])
+    tensors, rest = optimizer_to_files(osd)
+    save_checkpoint(os.path.join(out_dir, 'ckpt'), dict(trainable={n: p.detach() for n, p in named.items()},
+                                                        optimizer=tensors),
+                    dict(config=cfg, step=step, optimizer=rest, rows=rows, skipped_steps=skipped,
+                         rng='every draw is seeded by (seed, step, rank)'))
+    if stage in ('g4u', 'coldstart'):
+        save_peft(enc, os.path.join(out_dir, 'llm_lora'), cfg['llm'])
+    if stage in ('u4g', 'coldstart'):
+        save_peft(dit, os.path.join(out_dir, 'dit_lora'), cfg['dit'])
+    if stage == 'coldstart':
+        enc.save_pretrained(os.path.join(out_dir, 'llm'))  # its projector was trained too
+    val = ('val_object_f1', 'val_decoder_f1') if toy else ('val_reward',)
+    plot_curves(rows, os.path.join(out_dir, 'curves.png'),
+                ('reward', 'caption_tokens', *val) if stage != 'coldstart' else ('loss', *val))
+
+
+def eval_line(step, result, toy):
+    """One line for the console: the toy world's exact scores, or the real images' rewards."""
+    if toy:
+        attrs = ', '.join(f"{a} {result['caption_' + a + '_recall']:.2f}" for a in world.ATTRS)
+        score = (f"object F1 {result['object_f1']:.3f} | attribute F1 {result['attribute_f1']:.3f} | caption recall "
+                 f"{result['caption_recall']:.3f} ({attrs}) | decoder F1 (true captions) {result['decoder_f1']:.3f}")
+    else:
+        score = ' | '.join(f'{k} {v:.4f}' for k, v in result.items() if k.startswith('reward'))
+    return (f"eval step {step}: {score} | caption tokens {result['caption_tokens']:.1f}"
+            + (f" | pixel {result['pixel']:.4f}" if toy else '') + f" | {result['example']!r}")
+
+
+def main():
+    keep_freed_memory()
+    cfg = check_config(configure(config))
+    stage = cfg['stage']
     out_dir = cfg['out_dir'] or f'out/rl_{stage}'
     rank, world_size, device = setup_distributed(cfg['device'])
     master = rank == 0
@@ -557,9 +576,9 @@ def main():
         raise ValueError(f"images_per_step {cfg['images_per_step']} must be a multiple of the {world_size} ranks")
     if master:  # a new run into an earlier run's folder, a resume without checkpoint, an unusable folder
         check_run_dir(out_dir, cfg['resume'])
-    step, ckpt, rows, skipped = 0, os.path.join(out_dir, 'ckpt'), [], 0
+    step, rows, skipped = 0, [], 0
     if cfg['resume']:  # read first: a missing or damaged file is found before anything else loads
-        weights, meta, path = load_checkpoint(ckpt, ['trainable', 'optimizer'])
+        weights, meta, path = load_checkpoint(os.path.join(out_dir, 'ckpt'), ['trainable', 'optimizer'])
         if not isinstance(meta.get('rows'), list):
             raise ValueError(f"{os.path.join(path, 'meta.json')} has no rows (the run's log): not a train_rl.py checkpoint")
         step, rows, skipped = meta['step'], meta['rows'], meta.get('skipped_steps', 0)
@@ -578,7 +597,7 @@ def main():
         # fp32 like the LoRA adapters: a bf16 weight rounds away updates of lr x 1 (1e-5) altogether
         enc.projector.float().requires_grad_(True)
     named = named_trainables(enc, dit)
-    names, params = list(named), list(named.values())
+    params = list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg['lr'], weight_decay=cfg['weight_decay'])
     n_train, train_batch, val_images, val_scenes = load_data(cfg, image_size(cfg, dit, codec))
     if n_train < cfg['images_per_step']:
@@ -587,16 +606,8 @@ def main():
     # the reward scores rollouts, and real held-out reconstructions (the toy's are scored exactly)
     embedders = load_reward(cfg, device) if stage != 'coldstart' or not toy else None
 
-    if cfg['resume']:  # every tensor against what this run trains, before anything is copied
-        check_checkpoint(dict(trainable=named, optimizer=check_optimizer_files(
-            weights['optimizer'], meta['optimizer'], [named], path)), weights, path)
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(weights['trainable'][n])
-        osd = optimizer_from_files(weights['optimizer'], meta['optimizer'])
-        osd['state'] = {names.index(n): s for n, s in osd['state'].items()}
-        osd['param_groups'] = [dict(g, params=[names.index(n) for n in g['params']]) for g in osd['param_groups']]
-        opt.load_state_dict(osd)
+    if cfg['resume']:
+        restore(named, opt, weights, meta, path)
         if master:
             print(f'resuming {path} at step {step}')
             truncate_log(os.path.join(out_dir, 'log.jsonl'), step)  # the rows after it are written again
@@ -617,32 +628,9 @@ def main():
         with autocast(device, cfg['dtype']):
             result, _ = evaluate(cfg, enc, dit, codec, pooled, val_images, val_scenes, fixed, embedders)
         rows.append(dict(step=step, **{f'val_{k}': v for k, v in result.items()}))
-        attrs = ', '.join(f"{a} {result['caption_' + a + '_recall']:.2f}" for a in world.ATTRS) if toy else ''
-        score = (f"object F1 {result['object_f1']:.3f} | attribute F1 {result['attribute_f1']:.3f} | caption recall "
-                 f"{result['caption_recall']:.3f} ({attrs}) | decoder F1 (true captions) {result['decoder_f1']:.3f}" if toy else
-                 ' | '.join(f'{k} {v:.4f}' for k, v in result.items() if k.startswith('reward')))
-        print(f"eval step {step}: {score} | caption tokens {result['caption_tokens']:.1f}"
-              + (f" | pixel {result['pixel']:.4f}" if toy else '') + f" | {result['example']!r}", flush=True)
+        print(eval_line(step, result, toy), flush=True)
         with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
             f.write(json.dumps(rows[-1]) + '\n')
-
-    def save(step):
-        osd = opt.state_dict()  # keyed by parameter index: stored by name so the file explains itself
-        osd = dict(state={names[i]: s for i, s in osd['state'].items()},
-                   param_groups=[dict(g, params=[names[i] for i in g['params']]) for g in osd['param_groups']])
-        tensors, rest = optimizer_to_files(osd)
-        save_checkpoint(ckpt, dict(trainable={n: p.detach() for n, p in named.items()}, optimizer=tensors),
-                        dict(config=cfg, step=step, optimizer=rest, rows=rows, skipped_steps=skipped,
-                             rng='every draw is seeded by (seed, step, rank)'))
-        if stage in ('g4u', 'coldstart'):
-            save_peft(enc, os.path.join(out_dir, 'llm_lora'), cfg['llm'])
-        if stage in ('u4g', 'coldstart'):
-            save_peft(dit, os.path.join(out_dir, 'dit_lora'), cfg['dit'])
-        if stage == 'coldstart':
-            enc.save_pretrained(os.path.join(out_dir, 'llm'))  # its projector was trained too
-        val = ('val_object_f1', 'val_decoder_f1') if toy else ('val_reward',)
-        plot_curves(rows, os.path.join(out_dir, 'curves.png'),
-                    ('reward', 'caption_tokens', *val) if stage != 'coldstart' else ('loss', *val))
 
     if master and step == 0:
         run_eval(0)
@@ -700,7 +688,7 @@ def main():
             if step % cfg['eval_every'] == 0 or step == cfg['steps']:
                 run_eval(step)
             if step % cfg['save_every'] == 0 or step == cfg['steps']:
-                save(step)
+                save(cfg, out_dir, step, named, opt, enc, dit, rows, skipped, toy)
         if world_size > 1:
             dist.barrier()  # the others wait while rank 0 evaluates and saves
     if world_size > 1:

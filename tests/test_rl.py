@@ -366,7 +366,7 @@ def test_torchrun_two_ranks_stay_in_sync(toy):
 SYNC_CHECK = """
 import sys
 import torch, torch.distributed as dist
-from train_rl import all_reduce_grads, check_ranks_in_sync
+from common import all_reduce_grads, check_ranks_in_sync
 rank = int(sys.argv[2])
 dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=rank, world_size=2)
 weights = {'a.lora_A.weight': torch.ones(2, 3), 'a.lora_B.weight': torch.arange(4.).view(4, 1)}
