@@ -439,9 +439,10 @@ def sample_sigmas_train(batch, shift=1.0, generator=None, device=None):
     return shift_sigmas(torch.sigmoid(_noise((batch,), generator, device)), shift)
 
 
-def flow_matching_loss(model, x0, context, pooled, shift=1.0, generator=None, sigma=None, noise=None):
+def flow_matching_loss(model, x0, context, pooled, shift=1.0, generator=None, sigma=None, noise=None, weight=None):
     """MSE between the predicted and the true velocity (noise - x0), at random noise levels.
-    x0 (B, C, H, W) clean latents (or pixels in [-1, 1]). sigma (B,) / noise override the draws."""
+    x0 (B, C, H, W) clean latents (or pixels in [-1, 1]). sigma (B,) / noise override the draws.
+    weight (C,): each channel's squared error weighted (mean 1 keeps the plain MSE's scale)."""
     B = x0.shape[0]
     if sigma is None:
         sigma = sample_sigmas_train(B, shift, generator, x0.device)
@@ -450,7 +451,9 @@ def flow_matching_loss(model, x0, context, pooled, shift=1.0, generator=None, si
     s = sigma.view(B, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     v = model(x_t, 1000 * sigma, context, pooled)
-    return F.mse_loss(v.float(), (noise - x0).float())
+    if weight is None:
+        return F.mse_loss(v.float(), (noise - x0).float())
+    return ((v.float() - (noise - x0).float()).square() * weight.view(1, -1, 1, 1)).mean()
 
 
 def sampling_sigmas(num_steps, shift=3.0, num_train_timesteps=1000):

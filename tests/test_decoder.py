@@ -324,7 +324,12 @@ def test_loss_backprop_with_checkpointing_gives_same_grads():
         s = sigma.view(2, 1, 1, 1)
         v = model((1 - s) * x0 + s * noise, 1000 * sigma, c, p)
         loss = md.flow_matching_loss(model, x0, c, p, sigma=sigma, noise=noise)
+        # per-channel weights (train_sft's latent_weight_power) multiply each channel's squared error
+        w = torch.rand(x0.shape[1], generator=torch.Generator().manual_seed(1)) + 0.5
+        weighted = md.flow_matching_loss(model, x0, c, p, sigma=sigma, noise=noise, weight=w)
     assert torch.allclose(loss, ((v - (noise - x0)) ** 2).mean())
+    assert torch.allclose(weighted, ((v - (noise - x0)) ** 2 * w.view(1, -1, 1, 1)).mean())
+    assert not torch.allclose(weighted, loss)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])

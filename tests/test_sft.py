@@ -106,7 +106,7 @@ def trained(toy, monkeypatch_module):
     """One short run per model, with the live module it trained (caught as it is exported) and that
     module's initial weights (caught as it is wrapped for training)."""
     runs = {}
-    real_export, real_wrap = train_sft.export, train_sft.wrap
+    real_export, real_wrap, real_loss = train_sft.export, train_sft.wrap, train_sft.decoder_loss
     # the decoder at shift 12 (the default is 3): a few steps can lower the loss at high noise, while at low
     # noise it is mostly the part no model removes (the noise, seen through a nearly clean latent)
     for model, steps, batch, lr, extra in (('encoder', 8, 4, 1e-2, {}), ('decoder', 24, 8, 3e-3, dict(train_shift=12.0))):
@@ -119,13 +119,17 @@ def trained(toy, monkeypatch_module):
         def spy_export(cfg, kind, state, raw, *rest):
             caught['raw'] = raw
             return real_export(cfg, kind, state, raw, *rest)
+        def spy_loss(*a, **k):
+            caught['weight'], caught['codec'] = a[-1], a[3]  # decoder_loss's last argument: the channel weights
+            return real_loss(*a, **k)
         monkeypatch_module.setattr(train_sft, 'wrap', spy_wrap)
         monkeypatch_module.setattr(train_sft, 'export', spy_export)
+        monkeypatch_module.setattr(train_sft, 'decoder_loss', spy_loss)
         out = toy['dir'] / f'trained_{model}'
         with torch.random.fork_rng():
             cfg = run_sft(args(toy, model, out, max_steps=steps, batch_size=batch, lr=lr, min_lr=lr, **extra))
         runs[model] = dict(out=str(out), cfg=copy.deepcopy(cfg), raw=caught['raw'], init=caught['init'],
-                           steps=steps, batch=batch, lr=lr)
+                           steps=steps, batch=batch, lr=lr, loss_weight=caught.get('weight'), codec=caught.get('codec'))
     monkeypatch_module.undo()
     return runs
 
@@ -170,6 +174,14 @@ def test_a_few_steps_lower_the_loss(trained, toy, model):
     after = heldout_loss(toy, run, model, run['raw'].state_dict())
     # measured: encoder 6.22 -> 3.75 (logged 5.59 -> 3.43); the decoder on its training noise levels
     assert after < 0.95 * before, (model, before, after)
+
+
+def test_decoder_loss_weighs_latent_channels_by_codec_scale(trained):
+    """latent_weight_power (default 1): the decoder's loss weighs channel c by scale_c / mean(scale)."""
+    run = trained['decoder']
+    assert run['cfg']['latent_weight_power'] == 1.0
+    scale = run['codec'].scale.float()
+    assert torch.allclose(run['loss_weight'].cpu(), scale / scale.mean())
 
 
 def test_decoder_projector_trains_at_projector_lr(trained):
