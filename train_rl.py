@@ -460,6 +460,7 @@ def plot_curves(rows, path, keys=('reward', 'caption_tokens')):
 
 
 # -----------------------------------------------------------------------------
+# what is trained, the checkpoint, main
 
 def llm_targets(enc, cfg):
     """llm_lora_targets as a list of layer names, without the LLM layers below enc.config.prompt_layer
