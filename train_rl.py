@@ -531,7 +531,7 @@ def restore(named, opt, weights, meta, path):
     opt.load_state_dict(osd)
 
 
-def save(cfg, out_dir, step, named, opt, enc, dit, rows, skipped, toy):
+def save(cfg, out_dir, step, named, opt, enc, dit, rows, skipped):
     """out_dir/ckpt (what --resume reads: the trainable weights, the optimiser state, the log rows), the
     trained adapters in PEFT format and the curves."""
     names, stage = list(named), cfg['stage']
@@ -549,8 +549,8 @@ def save(cfg, out_dir, step, named, opt, enc, dit, rows, skipped, toy):
         save_peft(dit, os.path.join(out_dir, 'dit_lora'), cfg['dit'])
     if stage == 'coldstart':
         enc.save_pretrained(os.path.join(out_dir, 'llm'))  # its projector was trained too
-    val = ('val_object_f1', 'val_decoder_f1') if toy else ('val_reward',)
-    plot_curves(rows, os.path.join(out_dir, 'curves.png'),
+    val = ('val_object_f1', 'val_decoder_f1', 'val_reward')  # the toy's scores or real images' reward: the rows
+    plot_curves(rows, os.path.join(out_dir, 'curves.png'),  # hold one or the other, and only theirs are drawn
                 ('reward', 'caption_tokens', *val) if stage != 'coldstart' else ('loss', *val))
 
 
@@ -689,7 +689,7 @@ def main():
             if step % cfg['eval_every'] == 0 or step == cfg['steps']:
                 run_eval(step)
             if step % cfg['save_every'] == 0 or step == cfg['steps']:
-                save(cfg, out_dir, step, named, opt, enc, dit, rows, skipped, toy)
+                save(cfg, out_dir, step, named, opt, enc, dit, rows, skipped)
         if world_size > 1:
             dist.barrier()  # the others wait while rank 0 evaluates and saves
     if world_size > 1:

@@ -248,9 +248,9 @@ def build_decoder(cfg, device, train_images, captions):
 def decoder_loss(model, enc, pooled, codec, images, captions, sigma, noise, pad_to='', weight=None):
     """Flow-matching loss (mean over the micro-batch) on the codec's latents given captions; sigma (B,)
     and noise (B, C, h, w) are drawn for the whole global batch, so the split across ranks changes nothing.
-    weight (C,): the latent channels' weights (latent_weight_power).
     pad_to: the global batch's longest caption. UAE's context has no mask: the padding is part
-    of the input, so every micro-batch is padded to the length the whole batch would have."""
+    of the input, so every micro-batch is padded to the length the whole batch would have.
+    weight (C,): the latent channels' weights (latent_weight_power)."""
     x0 = D.encode(codec, to_pixels(images, pooled.device))
     with torch.no_grad():
         hidden = enc.prompt_hidden(list(captions) + [pad_to])[:-1]
