@@ -17,7 +17,8 @@ The stages, each a command of the other scripts (the exact commands are in <out_
     g4u2, u4g2                                      for reconstruction, then the decoder to read its captions;
                                                       round 2 trains both adapters further
     eval_<x>    bench.py                            Unified-Bench (I2T2I), Toy-GenEval and understanding on
-                                                      the held-out test split after each stage
+                                                      the held-out test split after each stage (not rerun
+                                                      where the stage left the models alone: evaluated_at)
     report      report.md, the curves and a contact sheet (originals / SFT / last stage)
 
 A stage starts as soon as what it reads exists and its threads are free (`cores` in all: more threads than
@@ -61,9 +62,9 @@ config = dict(
     # decoder SFT: complete and 'named' captions (every object named, some attributes left open), its frozen
     # projector fitted to whiten the LLM states (train_sft's projector_init), at SD3's noise levels (train_sft's
     # train_shift 3), its loss weighing the codec's channels by their scale (latent_weight_power 1): validation
-    # object F1 0.96 / 0.95 at step 600 (seeds 1 / 2), as the unweighted loss reached at step 800 (0.98 / 0.98);
-    # a random projector had 0.13 after 3,000 steps on seed 1 (shapes at chance)
-    dec_steps=600, dec_lr=1e-3, dec_levels="{'complete': 0.8, 'named': 0.2}",
+    # object F1 1.00 / 1.00 at step 800 (seeds 1 / 2; unweighted 0.98 / 0.98), Toy-GenEval 0.333 / 0.203
+    # (unweighted 0.223 / 0.243; 600 steps 0.180 / 0.110); a random projector had 0.13 after 3,000 steps on seed 1
+    dec_steps=800, dec_lr=1e-3, dec_levels="{'complete': 0.8, 'named': 0.2}",
     # G4U of round 1 does nearly all of the loop's work (I2T2I object F1 0.24 -> 0.90 in 20 steps, seed 2).
     # U4G's reward starts at 0.93-0.99 of 1 on the G4U encoder's captions: 40 steps (recipe C) and 20 (recipe
     # E) moved neither it nor any evaluation in either round (docs/results.md)
@@ -75,11 +76,25 @@ config = dict(
     g4u_args='--num_iterations=2', u4g_args='--drop_zero_advantage=True',
 )
 ROUNDS = ('sft', 'g4u1', 'u4g1', 'g4u2', 'u4g2')  # the report's rows, in order
+ADAPTERS = {'sft': ('', ''), 'g4u1': ('g4u1', ''), 'u4g1': ('g4u1', 'u4g1'), 'g4u2': ('g4u2', 'u4g1'),
+            'u4g2': ('g4u2', 'u4g2')}  # stage -> the stages whose (llm_lora, dit_lora) the UAE after it loads
 LAYERS_1_3 = 'language_model.layers.1.,language_model.layers.2.,language_model.layers.3.'
 
 
 # -----------------------------------------------------------------------------
 # the stages: name -> (the stages it reads, the command)
+
+def evaluated_at(name, task, cfg):
+    """The stage whose evaluation `task` also scores the UAE after stage `name`: the first with the same adapters
+    in the models the task runs. Unified-Bench runs both; Understanding the encoder alone, which U4G leaves alone;
+    Toy-GenEval the decoder, which reads the LLM's states below the layers G4U adapts (train_rl's
+    llm_lora_below_prompt_layer), so its figures after G4U are the stage before's, bit for bit."""
+    reads = {'unibench': (0, 1), 'geneval': (1,), 'understanding': (0,)}[task]  # indices into ADAPTERS' pairs
+    if task == 'geneval' and '--llm_lora_below_prompt_layer=True' in cfg['g4u_args'].split():
+        reads = (0, 1)
+    key = lambda n: [ADAPTERS[n][i] for i in reads]
+    return next(n for n in ROUNDS if key(n) == key(name))
+
 
 def stages(cfg, out):
     py = sys.executable
@@ -93,16 +108,16 @@ def stages(cfg, out):
     s = {'data': ([], [py, 'data/shapes/prepare.py', f'--out={data}', f"--n_train={cfg['n_train']}", '--tokenizer=',
                        *small['data']])}
 
-    def sft(name, deps, n, *args, evals=4):  # evaluated and saved a few times: the curve, and resumable
+    def sft(name, deps, n, *args, evals=4, saves=4):  # evaluated a few times (the curve) and saved (resumable)
         s[name] = (deps, [py, 'train_sft.py', f'--data_dir={data}', seed, f'--out_dir={out}/{name}', f'--max_steps={n}',
-                          f'--eval_every={max(1, n // evals)}', f'--save_every={max(1, n // evals)}', *small['sft'], *args])
+                          f'--eval_every={max(1, n // evals)}', f'--save_every={max(1, n // saves)}', *small['sft'], *args])
     sft('enc_sft', ['data'], steps('enc_steps'), '--model=encoder', f"--freeze_vision_steps={round(cfg['enc_freeze_vision'] * cfg['scale'])}")
     sft('dec_sft', ['enc_sft'], steps('dec_steps'), '--model=decoder', f'--encoder={out}/enc_sft/llm', '--prompt_layer=1',
-        f"--levels={cfg['dec_levels']}", f"--lr={cfg['dec_lr']}")
+        f"--levels={cfg['dec_levels']}", f"--lr={cfg['dec_lr']}", evals=2)  # an evaluation draws 64 images: ~10 s
     # the size words: LLM layers 1-3 only, so the states after layer 0 (what the decoder reads) stay as they were
     for name, init, levels in (('enc_size', 'enc_sft', ["--levels={'complete': 1.0}"]), ('enc_terse', 'enc_size', [])):
         sft(name, [init], steps('size_steps'), '--model=encoder', f'--init_from={out}/{init}/llm', *levels, '--freeze_vision_steps=0',
-            f'--train_only={LAYERS_1_3}', evals=1)
+            f'--train_only={LAYERS_1_3}', evals=1, saves=1)
     s['sft'] = (['dec_sft', 'enc_terse'], None)  # assemble_sft, in this process
     # the UAE being trained: the terse encoder's LLM read by the decoder at its layer (assemble_sft) with
     # the decoder; then the adapters each stage loads, from the
@@ -110,11 +125,9 @@ def stages(cfg, out):
     # round 1's) and keeps the other frozen
     uae = [f'--llm={out}/sft/llm', f'--dit={out}/dec_sft/dit', f'--vae={out}/dec_sft/codec.safetensors',
            f'--pooled={out}/dec_sft/pooled.safetensors']
-    adapters = {'sft': ('', ''), 'g4u1': ('g4u1', ''), 'u4g1': ('g4u1', 'u4g1'), 'g4u2': ('g4u2', 'u4g1'),
-                'u4g2': ('g4u2', 'u4g2')}  # stage -> (llm_lora, dit_lora) of the UAE after it
 
     def model(name):
-        llm_lora, dit_lora = adapters[name]
+        llm_lora, dit_lora = ADAPTERS[name]
         return [*uae, f'--llm_lora={out}/{llm_lora}/llm_lora' if llm_lora else '--llm_lora=',
                 f'--dit_lora={out}/{dit_lora}/dit_lora' if dit_lora else '--dit_lora=']
     for prev, name in zip(ROUNDS, ROUNDS[1:]):
@@ -122,8 +135,10 @@ def stages(cfg, out):
         s[name] = ([prev], [py, 'train_rl.py', f'--stage={name[:3]}', f'--data_dir={data}', seed, *model(prev),
                             f'--steps={n}', '--eval_images=0', f'--save_every={max(1, n // 4)}', *small['rl'],
                             *cfg[f'{name[:3]}_args'].split(), f'--out_dir={out}/{name}'])
-    for name in ROUNDS:
-        for task in ('unibench', 'geneval', 'understanding'):
+    # the evaluations, the longest first (two run at a time at the end: the last to start should be short); one
+    # whose models the stage did not change is not rerun (evaluated_at)
+    for task in ('geneval', 'unibench', 'understanding'):
+        for name in [n for n in ROUNDS if evaluated_at(n, task, cfg) == n]:
             s[f'eval_{name}_{task}'] = ([name], [py, 'bench.py', *model(name), f'--out_dir={out}/eval_{name}/{task}']
                                         + ([f'--task={task}'] if task != 'unibench' else [])
                                         + ([f'--images={data}/test', *small['caption']] if task != 'geneval' else [])
@@ -210,6 +225,12 @@ def run_stages(cfg, out):
 # -----------------------------------------------------------------------------
 # the report card
 
+def eval_path(out, name, task):
+    """The summary of evaluation `task` of the UAE after stage `name` in run `out` (evaluated_at's stage)."""
+    at = evaluated_at(name, task, read_json(f'{out}/config.json'))
+    return f'{out}/eval_{at}/{task}/{"scores" if task == "unibench" else task}.json'
+
+
 def read_row(out, name):
     """The figures of one stage: {column: value} from its three evaluations, and how empty the cells of
     its reconstructions that should be empty are (world.empty_cell_residual, the parser ignores ghosts)."""
@@ -218,7 +239,7 @@ def read_row(out, name):
     recon = [Image.open(f'{out}/eval_{name}/unibench/recon_{i}.png').convert('RGB') for i in range(len(records))]
     row = {'unibench.empty_cells': world.mean_empty_cell_residual(recon, [r['scene'] for r in records])}
     for task in ('unibench', 'geneval', 'understanding'):
-        path = f'{out}/eval_{name}/{task}/{"scores" if task == "unibench" else task}.json'
+        path = eval_path(out, name, task)
         summary = read_json(path)['summary']
         row.update({f'{task}.{k}': v for k, v in summary.items() if isinstance(v, (int, float))})
     return row
@@ -244,7 +265,8 @@ LABELS = {'sft': 'SFT', 'g4u1': '+G4U', 'u4g1': '+U4G', 'g4u2': '+G4U (round 2)'
 
 def table(runs):
     """Markdown tables, one row per stage: the value, or over several runs the mean and (min-max)."""
-    done = [n for n in ROUNDS if all(os.path.exists(f'{out}/eval_{n}/understanding/understanding.json') for out in runs)]
+    done = [n for n in ROUNDS if all(os.path.exists(eval_path(out, n, task)) for out in runs
+                                     for task in ('unibench', 'geneval', 'understanding'))]
     rows = {name: [read_row(out, name) for out in runs] for name in done}  # a run still going: the stages so far
     lines = []
     for title, columns in TABLES.items():
@@ -281,7 +303,8 @@ def write_report(runs, path):
              "(Toy-GenEval, `bench.py --task geneval`)" + ('; each cell the mean over the runs (min-max).' if len(runs) > 1 else '.'),
              '', text, '',
              'I2T2I: caption, redraw, parse (object F1: shape, colour, size and cell all right; attribute F1: partial '
-             'credit). ghosts: the mean |difference| from the background of the cells that should be empty (0 to 1; '
+             'credit). G4U leaves what the decoder reads alone and U4G the encoder, so Toy-GenEval after G4U and '
+             'Understanding after U4G are the stage before\'s evaluation, not rerun. ghosts: the mean |difference| from the background of the cells that should be empty (0 to 1; '
              'world.empty_cell_residual). GenEval: the fraction of images with exactly the objects the prompt names, '
              'each as named. R / P: recall and precision of each attribute in the captions.', '',
              '## Does round 2 help?', '']
@@ -301,7 +324,8 @@ def write_report(runs, path):
             lines.append(f'- `{r}`: still running')
             continue
         main_line = ', '.join(f'{k} {v / 60:.1f}' for k, v in t.items() if k != 'wall' and not k.startswith('eval_'))
-        lines.append(f"- `{r}`: {t['wall'] / 60:.1f} min ({main_line}; the 15 evaluations, one thread each, "
+        n = sum(k.startswith('eval_') for k in t)
+        lines.append(f"- `{r}`: {t['wall'] / 60:.1f} min ({main_line}; the {n} evaluations, one thread each, "
                      f"{sum(v for k, v in t.items() if k.startswith('eval_')) / 60:.1f} min of one core)")
     first = os.path.relpath(runs[0], os.path.dirname(os.path.abspath(path)))
     first = '' if first == '.' else first + '/'

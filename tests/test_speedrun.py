@@ -28,7 +28,8 @@ def test_every_stage_runs_and_the_report_has_one_row_per_stage(run_dir):
     timing = json.load(open(os.path.join(run_dir, 'timing.json')))
     for stage in ('data', 'enc_sft', 'dec_sft', 'enc_size', 'enc_terse', 'sft', 'g4u1', 'u4g1', 'g4u2', 'u4g2'):
         assert stage in timing
-    assert sum(k.startswith('eval_') for k in timing) == 15
+    # 15 rows of evaluations, 11 run: Toy-GenEval after G4U and Understanding after U4G are the stage before's
+    assert sum(k.startswith('eval_') for k in timing) == 11
     report = open(os.path.join(run_dir, 'report.md')).read()
     for label in ('| SFT |', '| +G4U |', '| +U4G |', '| +G4U (round 2) |', '| +U4G (round 2) |'):
         assert label in report
@@ -50,6 +51,50 @@ def test_every_stage_runs_and_the_report_has_one_row_per_stage(run_dir):
     assert g4u2['llm_lora'].endswith('g4u1/llm_lora') and g4u2['dit_lora'].endswith('u4g1/dit_lora')
     u4g2 = json.load(open(os.path.join(run_dir, 'u4g2', 'ckpt', 'meta.json')))['config']
     assert u4g2['llm_lora'].endswith('g4u2/llm_lora') and u4g2['dit_lora'].endswith('u4g1/dit_lora')
+
+
+def test_an_evaluation_not_rerun_would_score_the_same_models(run_dir, tmp_path):
+    """The speedrun reuses the stage before's evaluation where a stage left alone what a task runs
+    (speedrun.evaluated_at). For each reuse: load the UAE after the stage, its own adapters moved far from
+    where they are (at toy scale they barely train), and what the task runs equals the reused stage's:
+    Toy-GenEval the decoder and the prompt states it reads, Understanding the encoder."""
+    import shutil
+    import torch
+    from safetensors.torch import load_file, save_file
+    sys.path.insert(0, REPO)
+    import speedrun
+    from bench import UAE
+    from pipeline import load_uae
+    cfg = json.load(open(os.path.join(run_dir, 'config.json')))
+    gen = torch.Generator().manual_seed(0)
+
+    def uae(name, far_from=None):  # the UAE after `name`; adapters not the same as far_from's moved by N(0, 0.1)
+        paths = dict(UAE, llm=f'{run_dir}/sft/llm', dit=f'{run_dir}/dec_sft/dit', vae=f'{run_dir}/dec_sft/codec.safetensors',
+                     pooled=f'{run_dir}/dec_sft/pooled.safetensors', llm_lora='', dit_lora='')
+        for i, kind in enumerate(('llm_lora', 'dit_lora')):
+            stage = speedrun.ADAPTERS[name][i]
+            if stage and far_from and stage != speedrun.ADAPTERS[far_from][i]:
+                path = str(tmp_path / name / kind)
+                shutil.copytree(f'{run_dir}/{stage}/{kind}', path)
+                f = os.path.join(path, 'adapter_model.safetensors')
+                save_file({k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in load_file(f).items()}, f)
+                paths[kind] = path
+            elif stage:
+                paths[kind] = f'{run_dir}/{stage}/{kind}'
+        return load_uae(paths, torch.device('cpu'))
+    prompts = ['a red circle.', 'a large blue square in the top left.']
+    reused = [(n, t) for t in ('geneval', 'understanding') for n in speedrun.ROUNDS if speedrun.evaluated_at(n, t, cfg) != n]
+    assert sorted(reused) == [('g4u1', 'geneval'), ('g4u2', 'geneval'), ('u4g1', 'understanding'), ('u4g2', 'understanding')]
+    for name, task in reused:
+        at = speedrun.evaluated_at(name, task, cfg)
+        (enc, dit, _, _), (enc_at, dit_at, _, _) = uae(name, far_from=at), uae(at)
+        with torch.no_grad():
+            if task == 'geneval':
+                assert torch.equal(enc.embed_prompt(prompts), enc_at.embed_prompt(prompts)), name
+                same = dit.state_dict(), dit_at.state_dict()
+            else:
+                same = enc.state_dict(), enc_at.state_dict()
+            assert same[0].keys() == same[1].keys() and all(torch.equal(v, same[1][k]) for k, v in same[0].items()), (name, task)
 
 
 def test_a_second_run_skips_what_is_done_and_other_options_are_refused(run_dir):
