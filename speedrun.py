@@ -303,9 +303,9 @@ def write_report(runs, path):
              "(Toy-GenEval, `bench.py --task geneval`)" + ('; each cell the mean over the runs (min-max).' if len(runs) > 1 else '.'),
              '', text, '',
              'I2T2I: caption, redraw, parse (object F1: shape, colour, size and cell all right; attribute F1: partial '
-             'credit). G4U leaves what the decoder reads alone and U4G the encoder, so Toy-GenEval after G4U and '
-             'Understanding after U4G are the stage before\'s evaluation, not rerun. ghosts: the mean |difference| from the background of the cells that should be empty (0 to 1; '
-             'world.empty_cell_residual). GenEval: the fraction of images with exactly the objects the prompt names, '
+             'credit). ghosts: the mean |difference| from the background of the cells that should be empty (0 to 1; '
+             'world.empty_cell_residual). G4U leaves what the decoder reads alone and U4G the encoder, so Toy-GenEval '
+             'after G4U and Understanding after U4G are the stage before\'s evaluation, not rerun. GenEval: the fraction of images with exactly the objects the prompt names, '
              'each as named. R / P: recall and precision of each attribute in the captions.', '',
              '## Does round 2 help?', '']
     for k, h in (('unibench.object_f1', 'I2T2I object F1'), ('unibench.attribute_f1', 'I2T2I attribute F1'),
