@@ -90,7 +90,7 @@ def evaluated_at(name, task, cfg):
     Toy-GenEval the decoder, which reads the LLM's states below the layers G4U adapts (train_rl's
     llm_lora_below_prompt_layer), so its figures after G4U are the stage before's, bit for bit."""
     reads = {'unibench': (0, 1), 'geneval': (1,), 'understanding': (0,)}[task]  # indices into ADAPTERS' pairs
-    if task == 'geneval' and '--llm_lora_below_prompt_layer=True' in cfg['g4u_args'].split():
+    if task == 'geneval' and '--llm_lora_below_prompt_layer=true' in cfg['g4u_args'].lower().split():
         reads = (0, 1)
     key = lambda n: [ADAPTERS[n][i] for i in reads]
     return next(n for n in ROUNDS if key(n) == key(name))

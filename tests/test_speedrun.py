@@ -97,6 +97,15 @@ def test_an_evaluation_not_rerun_would_score_the_same_models(run_dir, tmp_path):
             assert same[0].keys() == same[1].keys() and all(torch.equal(v, same[1][k]) for k, v in same[0].items()), (name, task)
 
 
+def test_geneval_is_rerun_after_g4u_when_its_adapter_reaches_what_the_decoder_reads():
+    sys.path.insert(0, REPO)
+    import speedrun
+    cfg = dict(speedrun.config)
+    assert [speedrun.evaluated_at(n, 'geneval', cfg) for n in speedrun.ROUNDS] == ['sft', 'sft', 'u4g1', 'u4g1', 'u4g2']
+    cfg['g4u_args'] += ' --llm_lora_below_prompt_layer=True'
+    assert [speedrun.evaluated_at(n, 'geneval', cfg) for n in speedrun.ROUNDS] == list(speedrun.ROUNDS)
+
+
 def test_a_second_run_skips_what_is_done_and_other_options_are_refused(run_dir):
     r = speedrun(*SMALL, f'--out_dir={run_dir}')
     assert r.returncode == 0 and '0 of ' in r.stdout and 'start' not in r.stdout, r.stdout + r.stderr
