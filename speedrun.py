@@ -225,9 +225,10 @@ def run_stages(cfg, out):
 # -----------------------------------------------------------------------------
 # the report card
 
-def eval_path(out, name, task):
-    """The summary of evaluation `task` of the UAE after stage `name` in run `out` (evaluated_at's stage)."""
-    at = evaluated_at(name, task, read_json(f'{out}/config.json'))
+def eval_path(out, name, task, cfg):
+    """The summary of evaluation `task` of the UAE after stage `name` in run `out` (evaluated_at's stage);
+    cfg: the run's config.json."""
+    at = evaluated_at(name, task, cfg)
     return f'{out}/eval_{at}/{task}/{"scores" if task == "unibench" else task}.json'
 
 
@@ -238,8 +239,9 @@ def read_row(out, name):
     _, records = world.load_split(f'{out}/data/test')
     recon = [Image.open(f'{out}/eval_{name}/unibench/recon_{i}.png').convert('RGB') for i in range(len(records))]
     row = {'unibench.empty_cells': world.mean_empty_cell_residual(recon, [r['scene'] for r in records])}
+    cfg = read_json(f'{out}/config.json')
     for task in ('unibench', 'geneval', 'understanding'):
-        path = eval_path(out, name, task)
+        path = eval_path(out, name, task, cfg)
         summary = read_json(path)['summary']
         row.update({f'{task}.{k}': v for k, v in summary.items() if isinstance(v, (int, float))})
     return row
@@ -265,7 +267,8 @@ LABELS = {'sft': 'SFT', 'g4u1': '+G4U', 'u4g1': '+U4G', 'g4u2': '+G4U (round 2)'
 
 def table(runs):
     """Markdown tables, one row per stage: the value, or over several runs the mean and (min-max)."""
-    done = [n for n in ROUNDS if all(os.path.exists(eval_path(out, n, task)) for out in runs
+    cfgs = {out: read_json(f'{out}/config.json') for out in runs}
+    done = [n for n in ROUNDS if all(os.path.exists(eval_path(out, n, task, cfgs[out])) for out in runs
                                      for task in ('unibench', 'geneval', 'understanding'))]
     rows = {name: [read_row(out, name) for out in runs] for name in done}  # a run still going: the stages so far
     lines = []
