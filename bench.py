@@ -59,13 +59,15 @@ def bench_reward(args):
         scores = similarities(metrics, embedders, recon, images)
         if level == 'complete':
             exact = [world.score(world.parse_image(im), r['scene']) for im, r in zip(recon, records)]
-            ghosts = world.mean_empty_cell_residual(recon, [r['scene'] for r in records])
+            scenes = [r['scene'] for r in records]
+            ghosts = world.mean_residual(world.empty_cell_residual, recon, scenes)
+            halos = world.mean_residual(world.halo_residual, recon, scenes)
         tokens = np.mean([len(enc.tokenizer.encode(t)) for t in texts])
         print(f"| {level} | {tokens:.1f} | {' | '.join(f'{scores[m].mean():.4f}' for m in metrics)} |", flush=True)
     names = ('object_f1', 'shape_f1', 'color_f1', 'size_f1', 'cell_f1')
     print(f"\nfrom the complete captions of {len(records)} {config['split']} images: " +
           ', '.join(f"{k} {np.mean([e[k] for e in exact]):.3f}" for k in names) +
-          f", ghosts {ghosts:.3f}")
+          f", ghosts {ghosts:.3f}, halos {halos:.3f}")
 
 
 # -----------------------------------------------------------------------------

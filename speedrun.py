@@ -233,12 +233,15 @@ def eval_path(out, name, task, cfg):
 
 
 def read_row(out, name):
-    """The figures of one stage: {column: value} from its three evaluations, and how empty the cells of
-    its reconstructions that should be empty are (world.empty_cell_residual, the parser ignores ghosts)."""
+    """The figures of one stage: {column: value} from its three evaluations, and how clean its
+    reconstructions' background is where the parser does not look: the cells that should be empty (ghosts,
+    world.empty_cell_residual) and the rest of each object's cell (halos, world.halo_residual)."""
     from data.shapes import world
     _, records = world.load_split(f'{out}/data/test')
     recon = [Image.open(f'{out}/eval_{name}/unibench/recon_{i}.png').convert('RGB') for i in range(len(records))]
-    row = {'unibench.empty_cells': world.mean_empty_cell_residual(recon, [r['scene'] for r in records])}
+    scenes = [r['scene'] for r in records]
+    row = {'unibench.empty_cells': world.mean_residual(world.empty_cell_residual, recon, scenes),
+           'unibench.halos': world.mean_residual(world.halo_residual, recon, scenes)}
     cfg = read_json(f'{out}/config.json')
     for task in ('unibench', 'geneval', 'understanding'):
         path = eval_path(out, name, task, cfg)
@@ -250,7 +253,8 @@ def read_row(out, name):
 TABLES = {  # title: ((json key, header), ...): the report's three tables
     'Unified-Bench (I2T2I)': (
         ('unibench.object_f1', 'object F1'), ('unibench.attribute_f1', 'attribute F1'),
-        ('unibench.pixel', 'pixel'), ('unibench.empty_cells', 'ghosts'), ('unibench.caption_tokens', 'caption tokens')),
+        ('unibench.pixel', 'pixel'), ('unibench.empty_cells', 'ghosts'), ('unibench.halos', 'halos'),
+        ('unibench.caption_tokens', 'caption tokens')),
     'Toy-GenEval (the decoder alone)': (
         ('geneval.overall', 'overall'), ('geneval.single_object', 'single object'), ('geneval.two_object', 'two objects'),
         ('geneval.counting', 'counting'), ('geneval.colors', 'colours'), ('geneval.position', 'position'),
@@ -307,12 +311,13 @@ def write_report(runs, path):
              '', text, '',
              'I2T2I: caption, redraw, parse (object F1: shape, colour, size and cell all right; attribute F1: partial '
              'credit). ghosts: the mean |difference| from the background of the cells that should be empty (0 to 1; '
-             'world.empty_cell_residual). G4U leaves what the decoder reads alone and U4G the encoder, so Toy-GenEval '
+             'world.empty_cell_residual); halos: the same over the rest of each object\'s cell, more than 2 px from '
+             'the object (world.halo_residual). G4U leaves what the decoder reads alone and U4G the encoder, so Toy-GenEval '
              'after G4U and Understanding after U4G are the stage before\'s evaluation, not rerun. GenEval: the fraction of images with exactly the objects the prompt names, '
              'each as named. R / P: recall and precision of each attribute in the captions.', '',
              '## Does round 2 help?', '']
     for k, h in (('unibench.object_f1', 'I2T2I object F1'), ('unibench.attribute_f1', 'I2T2I attribute F1'),
-                 ('geneval.overall', 'GenEval'), ('unibench.empty_cells', 'ghosts')):
+                 ('geneval.overall', 'GenEval'), ('unibench.empty_cells', 'ghosts'), ('unibench.halos', 'halos')):
         if 'u4g2' not in rows:
             lines.append('Not evaluated yet: the runs have not finished round 2.')
             break

@@ -308,8 +308,10 @@ def evaluate(cfg, kind, train_model, enc, pooled, codec, val_images, val_records
         scores = [world.score(world.parse_image(r), t) for r, t in zip(recon, truth)]
         save_grid([np.asarray(images[:16]), recon[:16]], os.path.join(out_dir, f'samples_{step:06d}.png'))
         out = {k: float(np.mean([s[k] for s in scores])) for k in ('object_f1', 'shape_f1', 'color_f1', 'size_f1', 'cell_f1')}
-        # faint shapes left in the cells that should be empty: the parser ignores them, a reader does not
-        return dict(out, ghosts=world.mean_empty_cell_residual(recon, truth))
+        # faint shapes left in the cells that should be empty, a tinted square around each object: the parser
+        # ignores them, a reader does not
+        return dict(out, ghosts=world.mean_residual(world.empty_cell_residual, recon, truth),
+                    halos=world.mean_residual(world.halo_residual, recon, truth))
     batch = enc.caption_inputs(to_pil(images))
     if hasattr(enc, 'unshard'):  # FSDP2: generate() bypasses enc.forward, whose hook would gather the weights
         enc.unshard()

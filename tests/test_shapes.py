@@ -279,3 +279,29 @@ def test_empty_cell_residual_is_zero_on_renders_and_sees_a_ghost():
     full = {'background': 'black', 'objects': [{'shape': 'square', 'color': 'red', 'size': 'small', 'cell': (i // 3, i % 3)}
                                                for i in range(9)]}
     assert world.empty_cell_residual(world.render(full), full) is None
+
+
+def test_halo_residual_is_zero_on_renders_and_sees_a_tinted_cell():
+    rng = np.random.default_rng(0)
+    scenes = [world.sample_scene(rng) for _ in range(20)]
+    assert world.mean_residual(world.halo_residual, [world.render(s) for s in scenes], scenes) == 0.0
+    # a small square's cell, its background 20 levels darker: the parser still reads the square, a reader
+    # sees a dark square around it (the halo the decoder draws); the empty cells stay clean
+    scene = {'background': 'gray', 'objects': [{'shape': 'square', 'color': 'red', 'size': 'small', 'cell': (1, 1)}]}
+    img = world.render(scene).astype(np.float32)
+    C, bg = world.CELL, np.array(world.BACKGROUNDS['gray'], np.float32)
+    cell = img[C:2 * C, C:2 * C]
+    cell[(cell == bg).all(-1)] -= 20
+    img = img.astype(np.uint8)
+    assert world.parse_image(img)['objects'] == world.parse_image(world.render(scene))['objects']
+    assert world.halo_residual(img, scene) == pytest.approx(20 / 255)
+    assert world.empty_cell_residual(img, scene) == 0.0
+    # the same darkening only on the pixels a drawn square may cover when shifted by 2 px: not a halo
+    near = world.render(scene).astype(np.float32)
+    ring = np.zeros((C, C), bool)
+    ring[1:15, 1:15] = True
+    ring[3:13, 3:13] = False
+    near[C:2 * C, C:2 * C][ring] -= 20
+    assert world.halo_residual(near.astype(np.uint8), scene) == 0.0
+    large = {'background': 'black', 'objects': [{'shape': 'square', 'color': 'red', 'size': 'large', 'cell': (0, 0)}]}
+    assert world.halo_residual(world.render(large), large) is None

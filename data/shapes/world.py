@@ -329,10 +329,35 @@ def empty_cell_residual(img, scene):
     return float(np.mean([np.abs(cell - bg).max(-1).mean() for cell in cells]) / 255) if cells else None
 
 
-def mean_empty_cell_residual(images, scenes):
-    """empty_cell_residual averaged over the images whose scene leaves a cell empty (the reports' ghosts)."""
-    residual = [empty_cell_residual(im, s) for im, s in zip(images, scenes)]
-    return float(np.mean([r for r in residual if r is not None]))
+def _far_from(mask, r):
+    """(CELL, CELL) bool: the pixels more than r px (in x or y) from every pixel of mask."""
+    padded, near = np.pad(mask, r), np.zeros_like(mask)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            near |= padded[dy:dy + CELL, dx:dx + CELL]
+    return ~near
+
+
+# an object's cell minus the object and the margin a drawn one may be shifted by (the parser's _SHIFT)
+_AROUND = {key: _far_from(mask, _SHIFT) for key, mask in _MASKS.items()}
+
+
+def halo_residual(img, scene):
+    """How far the background around each object is from the scene's: over the occupied cells and their
+    pixels more than _SHIFT (2) px from the object, the mean of the largest |difference| of an RGB channel, in
+    [0, 1]. 0 for a rendered scene; a decoder that darkens or tints the square around an object (a halo,
+    which the parser ignores too) scores above 0. None when no object leaves such pixels (large squares)."""
+    img, bg = np.asarray(img, np.float32), np.array(BACKGROUNDS[scene['background']], np.float32)
+    cells = [img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL][_AROUND[o['shape'], o['size']]]
+             for o in scene['objects'] for r, c in [o['cell']] if _AROUND[o['shape'], o['size']].any()]
+    return float(np.mean([np.abs(cell - bg).max(-1).mean() for cell in cells]) / 255) if cells else None
+
+
+def mean_residual(residual, images, scenes):
+    """residual (empty_cell_residual: the reports' ghosts; halo_residual: their halos) averaged over the
+    images it is defined for."""
+    values = [residual(im, s) for im, s in zip(images, scenes)]
+    return float(np.mean([v for v in values if v is not None]))
 
 # -----------------------------------------------------------------------------
 # loading a split written by prepare.py
