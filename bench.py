@@ -40,7 +40,8 @@ def bench_reward(args):
     from data.shapes import world
     from embedders import load_embedder
     from pipeline import draw, load_uae
-    config = dict({k: UAE[k] for k in UAE_PATH_KEYS + ('negative_prompt', 'steps', 'guidance', 'shift', 'seed')},
+    config = dict({k: UAE[k] for k in UAE_PATH_KEYS + ('negative_prompt', 'steps', 'guidance', 'guidance_min_sigma',
+                                                      'shift', 'seed')},
                   device='auto', data_dir='data/shapes/out', split='val', images=100,
                   metrics='pixel,scene,scene_attributes')
     configure(config, args)
@@ -55,7 +56,7 @@ def bench_reward(args):
         texts = [r['captions'][level] for r in records]
         gen = torch.Generator(device).manual_seed(config['seed'])
         recon = draw(enc, dit, codec, pooled, texts, config['negative_prompt'], None, config['steps'],
-                     config['guidance'], config['shift'], gen)
+                     config['guidance'], config['shift'], gen, guidance_min_sigma=config['guidance_min_sigma'])
         scores = similarities(metrics, embedders, recon, images)
         if level == 'complete':
             exact = [world.score(world.parse_image(im), r['scene']) for im, r in zip(recon, records)]
@@ -79,11 +80,12 @@ def bench_reward(args):
 # unmatched, unreadable or ignored file is listed on screen and in the JSON.
 
 # the UAE pipeline's keys with the toy checkpoints as defaults (real ones: config/uae.py); they are the
-# settings that make a reconstruction what it is (device and batch size only change the speed)
+# settings that make a reconstruction what it is (device and batch size only change the speed).
+# guidance_min_sigma: as sample.py's, guidance only above that noise level (model_decoder.sample)
 UAE = dict(llm='checkpoints/toy/llm', processor='', llm_lora='', dit='checkpoints/toy/dit', dit_lora='',
            vae='checkpoints/toy/codec.safetensors', pooled='checkpoints/toy/pooled.safetensors',
-           negative_prompt='', size=48, steps=20, guidance=2.0, shift=3.0, temperature=0.7, max_new_tokens=512,
-           top_k=None, top_p=None, repetition_penalty=None, dtype='float32', seed=0)
+           negative_prompt='', size=48, steps=20, guidance=2.0, guidance_min_sigma=0.3, shift=3.0, temperature=0.7,
+           max_new_tokens=512, top_k=None, top_p=None, repetition_penalty=None, dtype='float32', seed=0)
 UAE_PATH_KEYS = ('llm', 'processor', 'llm_lora', 'dit', 'dit_lora', 'vae', 'pooled')
 UAE_KEYS = tuple(UAE)
 METRIC_PATHS = {'clip': 'a CLIPVisionModelWithProjection or CLIPModel directory',
@@ -311,7 +313,7 @@ def reconstruct(cfg, image_dir, names, out_dir, device):
         texts, out, gen = caption_batch(enc, images, cfg, k, device)
         with autocast(device, cfg['dtype']):
             recon = draw(enc, dit, codec, pooled, texts, cfg['negative_prompt'], cfg['size'], cfg['steps'],
-                         cfg['guidance'], cfg['shift'], gen)
+                         cfg['guidance'], cfg['shift'], gen, guidance_min_sigma=cfg['guidance_min_sigma'])
         for n, text, pixels, length in zip(todo, texts, recon, out.mask.sum(1).tolist()):
             rec = dict(image=n, recon=recon_name(n), caption=text, tokens=int(length))
             path = os.path.join(out_dir, rec['recon'])
@@ -551,7 +553,8 @@ def bench_geneval(args):
                 f"{cfg['seed']}/{it['category']}/{it['index']}/{it['sample']}".encode()))) for it in batch])
             with autocast(device, cfg['dtype']):
                 out = draw(enc, dit, codec, pooled, [it['prompt'] for it in batch], cfg['negative_prompt'],
-                           cfg['size'], cfg['steps'], cfg['guidance'], cfg['shift'], noise=noise.to(device))
+                           cfg['size'], cfg['steps'], cfg['guidance'], cfg['shift'], noise=noise.to(device),
+                           guidance_min_sigma=cfg['guidance_min_sigma'])
             for n, img in zip(group[i:i + cfg['batch_size']], out):
                 images[n] = img
             done += len(batch)

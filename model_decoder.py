@@ -484,7 +484,7 @@ def guided_velocity(model, x, sigma, context, pooled, neg_context=None, neg_pool
 
 
 def sample(model, context, pooled, neg_context=None, neg_pooled=None, steps=40, guidance=5.0, shift=3.0,
-           generator=None, shape=None, noise=None, sde_steps=None, noise_level=0.7):
+           generator=None, shape=None, noise=None, sde_steps=None, noise_level=0.7, guidance_min_sigma=0.0):
     """The sampler: Euler steps from pure noise (sigma = 1) to an image / latents (sigma = 0).
 
     context (B, L, Dj), pooled (B, P); neg_context / neg_pooled of batch 1 or B (same L as context).
@@ -499,6 +499,10 @@ def sample(model, context, pooled, neg_context=None, neg_pooled=None, steps=40, 
     SDE step with its index j, the state x before it, x_next sampled, and log_prob (B,) under the
     sampling policy, what U4G's loss re-scores (Flow-GRPO's pipeline_with_logprob, one sampler that
     also records log-probs). Their noise is drawn from `generator` after the starting noise.
+
+    guidance_min_sigma: guidance only at the steps from noise levels above it, the last steps unguided
+    (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval", NeurIPS: guidance at low noise
+    adds nothing the image needs). 0: every step, as diffusers' pipelines and UAE's inference.
     """
     B = context.shape[0]
     if noise is None:
@@ -508,7 +512,8 @@ def sample(model, context, pooled, neg_context=None, neg_pooled=None, steps=40, 
     x, transitions = noise.float(), []
     sigmas = sampling_sigmas(steps, shift).tolist()
     for j, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        v = guided_velocity(model, x, sigma, context, pooled, neg_context, neg_pooled, guidance)
+        g = guidance if sigma > guidance_min_sigma else 1.0
+        v = guided_velocity(model, x, sigma, context, pooled, neg_context, neg_pooled, g)
         if sde_steps is not None and j in sde_steps:
             x_next, log_prob, _, _ = sde_step(x, v, sigma, sigma_next, noise_level, generator)
             transitions.append(dict(j=j, x=x, x_next=x_next, log_prob=log_prob))

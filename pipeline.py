@@ -80,11 +80,11 @@ def fit_prompt(tokenizer, prompt, max_tokens, index=0):
 
 @torch.no_grad()
 def draw(enc, dit, codec, pooled, prompts, negative_prompt='', size=None, steps=40, guidance=5.0, shift=3.0,
-         generator=None, noise=None, max_prompt_tokens=None):
+         generator=None, noise=None, max_prompt_tokens=None, guidance_min_sigma=0.0):
     """Prompts -> uint8 images (B, H, W, 3): the prompts and the negative prompt embedded by the LLM
     together (right-padded to one length), then the decoder's sampler, then the codec.
     size: pixels (default the decoder's native size); noise (B, C, h, w) overrides the starting draw
-    (G4U shares one draw among the G captions of an image)."""
+    (G4U shares one draw among the G captions of an image); guidance_min_sigma: model_decoder.sample's."""
     prompts = [fit_prompt(enc.tokenizer, p, max_prompt_tokens, i) for i, p in enumerate(prompts)]
     ctx = enc.embed_prompt(list(prompts) + [negative_prompt])  # (B + 1, L, joint_dim)
     n = len(prompts)
@@ -92,7 +92,7 @@ def draw(enc, dit, codec, pooled, prompts, negative_prompt='', size=None, steps=
     size = size or dit.config.sample_size * down
     shape = (dit.config.in_channels, size // down, size // down)
     x = D.sample(dit, ctx[:n], pooled.expand(n, -1), ctx[n:], pooled, steps=steps, guidance=guidance, shift=shift,
-                 generator=generator, shape=shape, noise=noise)
+                 generator=generator, shape=shape, noise=noise, guidance_min_sigma=guidance_min_sigma)
     x = D.decode(codec, x)
     if not bool(x.isfinite().all()):  # uint8 would turn NaN into black pixels without a word
         raise ValueError('the decoder produced NaN or inf values: check the --dit / --dit_lora / --vae weights, '

@@ -36,6 +36,9 @@ config = dict(
     negative_prompt='',       # real UAE: 'Generate a random, low quality, ugly, blur, bad and anime, cartoon image.'
     size=48,                  # output resolution in pixels (real: 1024)
     steps=20, guidance=2.0,   # sampling steps, classifier-free guidance scale (real UAE: 40 steps, 5.0)
+    # guidance only at noise levels above this (model_decoder.sample); the last 3 of the toy's 20 steps
+    # unguided halve the ghosts at the same Toy-GenEval (docs/toy_world.md, finding 9). Real UAE: 0, every step
+    guidance_min_sigma=0.3,
     shift=3.0,                # as the toy decoder is sampled in training (train_sft's sample_shift); real UAE: 3.0
     temperature=0.7, max_new_tokens=512,  # 0.7: what UAE's demo passes to generate, over generation_config.json
     # captioning as transformers' generate: None = the llm's generation_config.json (Qwen2.5-VL's: top_k 1,
@@ -86,7 +89,7 @@ def demo(cfg, enc, dit, codec, pooled, device):
     texts, _ = caption(enc, to_pil(images), cfg['temperature'], 64, generator=gen,
                        **{k: cfg[k] for k in SAMPLING_KEYS})
     recon = draw(enc, dit, codec, pooled, texts, cfg['negative_prompt'], None, cfg['steps'], cfg['guidance'],
-                 cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'])
+                 cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'], guidance_min_sigma=cfg['guidance_min_sigma'])
     rows, f1s = [], []
     for im, text, rec, scene in zip(images, texts, recon, scenes):
         s = world.score(world.parse_image(rec), scene)
@@ -130,13 +133,15 @@ def main():
             print(texts[0])
             if cfg['mode'] == 'recon':
                 img = draw(enc, dit, codec, pooled, texts, cfg['negative_prompt'], cfg['size'], cfg['steps'],
-                           cfg['guidance'], cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'])[0]
+                           cfg['guidance'], cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'],
+                           guidance_min_sigma=cfg['guidance_min_sigma'])[0]
                 os.makedirs(os.path.dirname(cfg['out']) or '.', exist_ok=True)
                 Image.fromarray(img).save(cfg['out'])
                 print(f"reconstruction: {cfg['out']}")
         elif cfg['mode'] == 't2i':
             img = draw(enc, dit, codec, pooled, [cfg['prompt']], cfg['negative_prompt'], cfg['size'], cfg['steps'],
-                       cfg['guidance'], cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'])[0]
+                       cfg['guidance'], cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'],
+                       guidance_min_sigma=cfg['guidance_min_sigma'])[0]
             os.makedirs(os.path.dirname(cfg['out']) or '.', exist_ok=True)
             Image.fromarray(img).save(cfg['out'])
             print(f"image: {cfg['out']}")

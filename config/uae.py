@@ -11,6 +11,7 @@
     'pooled': '/path/to/sd35_pooled.safetensors',  # python tools/sd3_pooled.py --sd3=/path/to/stable-diffusion-3.5-large
     'negative_prompt': 'Generate a random, low quality, ugly, blur, bad and anime, cartoon image.',
     'size': 1024, 'steps': 40, 'guidance': 5.0, 'shift': 3.0,
+    'guidance_min_sigma': 0.0,              # guidance at every step, as UAE's inference (the toy's default: 0.3)
     'temperature': 0.7, 'max_new_tokens': 512,
     'dtype': 'bfloat16',
 }

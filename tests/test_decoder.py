@@ -242,27 +242,33 @@ def test_sampling_sigmas_equal_diffusers(steps, shift):
     assert ours[0] == 1 and ours[-1] == 0
 
 
-def test_sampler_equals_diffusers_scheduler_loop():
+@pytest.mark.parametrize('min_sigma', [0.0, 0.7])
+def test_sampler_equals_diffusers_scheduler_loop(min_sigma):
     """Our Euler + CFG sampler against diffusers' scheduler.step driving the same model, the
-    pipeline's way: uncond first, v_u + w (v_c - v_u), timestep = scheduler.timesteps."""
+    pipeline's way: uncond first, v_u + w (v_c - v_u), timestep = scheduler.timesteps; with
+    guidance_min_sigma 0.7 the steps from sigma 0.60 and 0.01 (of 1, 0.86, 0.60, 0.01) unguided."""
     torch.manual_seed(0)
     model = MMDiT(MMDiTConfig(**TINY, qk_norm='rms_norm')).eval()
     _, _, c, p = inputs(B=2)
     neg_c, neg_p = torch.randn(1, 7, 12), torch.randn(1, 10)
     steps, cfg, shift = 4, 4.0, 3.0
     got = md.sample(model, c, p, neg_c, neg_p, steps=steps, guidance=cfg, shift=shift,
-                    generator=torch.Generator().manual_seed(5))
+                    generator=torch.Generator().manual_seed(5), guidance_min_sigma=min_sigma)
 
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(steps)
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for t, sigma in zip(scheduler.timesteps, scheduler.sigmas):
             v = model(torch.cat([x, x]), t.expand(4), torch.cat([neg_c.expand(2, -1, -1), c]),
                       torch.cat([neg_p.expand(2, -1), p]))
             v_u, v_c = v.chunk(2)
-            x = scheduler.step(v_u + cfg * (v_c - v_u), t, x).prev_sample
+            w = cfg if sigma > min_sigma else 1.0
+            x = scheduler.step(v_u + w * (v_c - v_u), t, x).prev_sample
     assert (got - x).abs().max() < 1e-5
+    if min_sigma:  # and not the same as guidance at every step
+        assert (got - md.sample(model, c, p, neg_c, neg_p, steps=steps, guidance=cfg, shift=shift,
+                                generator=torch.Generator().manual_seed(5))).abs().max() > 1e-3
 
 
 def test_sde_log_prob_is_gaussian_density():
