@@ -504,6 +504,9 @@ def sample(model, context, pooled, neg_context=None, neg_pooled=None, steps=40, 
     (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval", NeurIPS: guidance at low noise
     adds nothing the image needs). 0: every step, as diffusers' pipelines and UAE's inference.
     """
+    if sde_steps is not None and guidance_min_sigma > 0:  # transition_logprob re-scores with guidance at every step
+        raise ValueError('guidance_min_sigma is for the ODE sampler only: SDE steps (sde_steps) are re-scored by '
+                         'transition_logprob with guidance at every step')
     B = context.shape[0]
     if noise is None:
         cfgm = model.config

@@ -269,6 +269,9 @@ def test_sampler_equals_diffusers_scheduler_loop(min_sigma):
     if min_sigma:  # and not the same as guidance at every step
         assert (got - md.sample(model, c, p, neg_c, neg_p, steps=steps, guidance=cfg, shift=shift,
                                 generator=torch.Generator().manual_seed(5))).abs().max() > 1e-3
+        with pytest.raises(ValueError, match='ODE sampler only'):  # U4G's re-scoring assumes every step guided
+            md.sample(model, c, p, neg_c, neg_p, steps=steps, guidance=cfg, shift=shift, sde_steps={1},
+                      guidance_min_sigma=min_sigma)
 
 
 def test_sde_log_prob_is_gaussian_density():
