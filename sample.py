@@ -89,7 +89,8 @@ def demo(cfg, enc, dit, codec, pooled, device):
     texts, _ = caption(enc, to_pil(images), cfg['temperature'], 64, generator=gen,
                        **{k: cfg[k] for k in SAMPLING_KEYS})
     recon = draw(enc, dit, codec, pooled, texts, cfg['negative_prompt'], None, cfg['steps'], cfg['guidance'],
-                 cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'], guidance_min_sigma=cfg['guidance_min_sigma'])
+                 cfg['shift'], gen, max_prompt_tokens=cfg['max_prompt_tokens'],
+                 guidance_min_sigma=cfg['guidance_min_sigma'])
     rows, f1s = [], []
     for im, text, rec, scene in zip(images, texts, recon, scenes):
         s = world.score(world.parse_image(rec), scene)

@@ -232,17 +232,15 @@ def eval_path(out, name, task, cfg):
     return f'{out}/eval_{at}/{task}/{"scores" if task == "unibench" else task}.json'
 
 
-def read_row(out, name):
+def read_row(out, name, cfg, scenes):
     """The figures of one stage: {column: value} from its three evaluations, and how clean its
     reconstructions' background is where the parser does not look: the cells that should be empty (ghosts,
-    world.empty_cell_residual) and the rest of each object's cell (halos, world.halo_residual)."""
+    world.empty_cell_residual) and the rest of each object's cell (halos, world.halo_residual).
+    cfg: the run's config.json; scenes: its test split's."""
     from data.shapes import world
-    _, records = world.load_split(f'{out}/data/test')
-    recon = [Image.open(f'{out}/eval_{name}/unibench/recon_{i}.png').convert('RGB') for i in range(len(records))]
-    scenes = [r['scene'] for r in records]
+    recon = [Image.open(f'{out}/eval_{name}/unibench/recon_{i}.png').convert('RGB') for i in range(len(scenes))]
     row = {'unibench.empty_cells': world.mean_residual(world.empty_cell_residual, recon, scenes),
            'unibench.halos': world.mean_residual(world.halo_residual, recon, scenes)}
-    cfg = read_json(f'{out}/config.json')
     for task in ('unibench', 'geneval', 'understanding'):
         path = eval_path(out, name, task, cfg)
         summary = read_json(path)['summary']
@@ -271,10 +269,12 @@ LABELS = {'sft': 'SFT', 'g4u1': '+G4U', 'u4g1': '+U4G', 'g4u2': '+G4U (round 2)'
 
 def table(runs):
     """Markdown tables, one row per stage: the value, or over several runs the mean and (min-max)."""
+    from data.shapes import world
     cfgs = {out: read_json(f'{out}/config.json') for out in runs}
+    scenes = {out: [r['scene'] for r in world.load_split(f'{out}/data/test')[1]] for out in runs}  # read once a run
     done = [n for n in ROUNDS if all(os.path.exists(eval_path(out, n, task, cfgs[out])) for out in runs
                                      for task in ('unibench', 'geneval', 'understanding'))]
-    rows = {name: [read_row(out, name) for out in runs] for name in done}  # a run still going: the stages so far
+    rows = {name: [read_row(out, name, cfgs[out], scenes[out]) for out in runs] for name in done}  # a run still going: the stages so far
     lines = []
     for title, columns in TABLES.items():
         keys = [(k, h) for k, h in columns if all(k in r for rs in rows.values() for r in rs)]
@@ -312,9 +312,10 @@ def write_report(runs, path):
              'I2T2I: caption, redraw, parse (object F1: shape, colour, size and cell all right; attribute F1: partial '
              'credit). ghosts: the mean |difference| from the background of the cells that should be empty (0 to 1; '
              'world.empty_cell_residual); halos: the same over the rest of each object\'s cell, more than 2 px from '
-             'the object (world.halo_residual). G4U leaves what the decoder reads alone and U4G the encoder, so Toy-GenEval '
-             'after G4U and Understanding after U4G are the stage before\'s evaluation, not rerun. GenEval: the fraction of images with exactly the objects the prompt names, '
-             'each as named. R / P: recall and precision of each attribute in the captions.', '',
+             'the object (world.halo_residual). G4U leaves what the decoder reads alone and U4G the encoder, so '
+             'Toy-GenEval after G4U and Understanding after U4G are the stage before\'s evaluation, not rerun. '
+             'GenEval: the fraction of images with exactly the objects the prompt names, each as named. R / P: '
+             'recall and precision of each attribute in the captions.', '',
              '## Does round 2 help?', '']
     for k, h in (('unibench.object_f1', 'I2T2I object F1'), ('unibench.attribute_f1', 'I2T2I attribute F1'),
                  ('geneval.overall', 'GenEval'), ('unibench.empty_cells', 'ghosts'), ('unibench.halos', 'halos')):

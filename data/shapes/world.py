@@ -348,8 +348,11 @@ def halo_residual(img, scene):
     [0, 1]. 0 for a rendered scene; a decoder that darkens or tints the square around an object (a halo,
     which the parser ignores too) scores above 0. None when no object leaves such pixels (large squares)."""
     img, bg = np.asarray(img, np.float32), np.array(BACKGROUNDS[scene['background']], np.float32)
-    cells = [img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL][_AROUND[o['shape'], o['size']]]
-             for o in scene['objects'] for r, c in [o['cell']] if _AROUND[o['shape'], o['size']].any()]
+    cells = []  # per object: (n, 3) the pixels of its cell far enough from it
+    for o in scene['objects']:
+        (r, c), around = o['cell'], _AROUND[o['shape'], o['size']]
+        if around.any():
+            cells.append(img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL][around])
     return float(np.mean([np.abs(cell - bg).max(-1).mean() for cell in cells]) / 255) if cells else None
 
 
