@@ -355,8 +355,8 @@ def test_geneval_end_to_end_on_the_toy_checkpoints(tmp_path, capsys, one_thread)
     shutil.copytree(os.path.join(REPO, 'checkpoints', 'toy', 'dit_lora'), lora)
     weights = load_file(lora / 'adapter_model.safetensors')
     gen = torch.Generator().manual_seed(0)
-    save_safetensors({k: torch.randn(v.shape, generator=gen) * 0.1 if 'lora_B' in k else v for k, v in weights.items()},
-                     str(lora / 'adapter_model.safetensors'))
+    weights = {k: torch.randn(v.shape, generator=gen) * 0.1 if 'lora_B' in k else v for k, v in weights.items()}
+    save_safetensors(weights, str(lora / 'adapter_model.safetensors'))
     bench_geneval(args + [ADAPTERS[0], f'--dit_lora={lora}', f'--out_dir={tmp_path / "b"}'])
     assert not np.array_equal(np.asarray(Image.open(tmp_path / 'b' / 'geneval.png')), sheet)
     bench_geneval(args + ['--batch_size=1', f'--out_dir={tmp_path / "c"}'])
