@@ -277,7 +277,8 @@ def table(runs):
     scenes = {out: [r['scene'] for r in world.load_split(f'{out}/data/test')[1]] for out in runs}  # read once a run
     done = [n for n in ROUNDS if all(os.path.exists(eval_path(out, n, task, cfgs[out])) for out in runs
                                      for task in ('unibench', 'geneval', 'understanding'))]
-    rows = {name: [read_row(out, name, cfgs[out], scenes[out]) for out in runs] for name in done}  # a run still going: the stages so far
+    # a run still going: the stages so far
+    rows = {name: [read_row(out, name, cfgs[out], scenes[out]) for out in runs] for name in done}
     lines = []
     for title, columns in TABLES.items():
         keys = [(k, h) for k, h in columns if all(k in r for rs in rows.values() for r in rs)]

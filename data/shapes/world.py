@@ -326,20 +326,18 @@ def empty_cell_residual(img, scene):
     bg = np.array(BACKGROUNDS[scene['background']], np.float32)
     cells = [np.asarray(img, np.float32)[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
              for r in range(GRID) for c in range(GRID) if (r, c) not in occupied]
-    return float(np.mean([np.abs(cell - bg).max(-1).mean() for cell in cells]) / 255) if cells else None
+    return _distance(cells, bg)
 
 
-def _far_from(mask, r):
-    """(CELL, CELL) bool: the pixels more than r px (in x or y) from every pixel of mask."""
-    padded, near = np.pad(mask, r), np.zeros_like(mask)
-    for dy in range(2 * r + 1):
-        for dx in range(2 * r + 1):
-            near |= padded[dy:dy + CELL, dx:dx + CELL]
-    return ~near
+def _distance(pixels, bg):
+    """The mean over groups of pixels (each (..., 3)) of their mean largest |difference| of an RGB channel from
+    bg, in [0, 1]; None for no groups."""
+    return float(np.mean([np.abs(p - bg).max(-1).mean() for p in pixels]) / 255) if pixels else None
 
 
-# an object's cell minus the object and the margin a drawn one may be shifted by (the parser's _SHIFT)
-_AROUND = {key: _far_from(mask, _SHIFT) for key, mask in _MASKS.items()}
+# an object's cell minus every pixel the object covers at any of the parser's shifts (_SHIFT px): (CELL, CELL)
+_AROUND = {key: ~_TEMPLATES[i * len(_SHIFTS):(i + 1) * len(_SHIFTS)].any(0).reshape(CELL, CELL)
+           for i, key in enumerate(_MASKS)}
 
 
 def halo_residual(img, scene):
@@ -353,7 +351,7 @@ def halo_residual(img, scene):
         (r, c), around = o['cell'], _AROUND[o['shape'], o['size']]
         if around.any():
             cells.append(img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL][around])
-    return float(np.mean([np.abs(cell - bg).max(-1).mean() for cell in cells]) / 255) if cells else None
+    return _distance(cells, bg)
 
 
 def mean_residual(residual, images, scenes):
