@@ -107,9 +107,10 @@ def trained(toy, monkeypatch_module):
     module's initial weights (caught as it is wrapped for training)."""
     runs = {}
     real_export, real_wrap, real_loss = train_sft.export, train_sft.wrap, train_sft.decoder_loss
-    # the decoder at shift 12 (the default is 3): a few steps can lower the loss at high noise, while at low
-    # noise it is mostly the part no model removes (the noise, seen through a nearly clean latent)
-    for model, steps, batch, lr, extra in (('encoder', 8, 4, 1e-2, {}), ('decoder', 24, 8, 3e-3, dict(train_shift=12.0))):
+    # the decoder at shift 12 (the default is 3) and no low-noise rows: a few steps can lower the loss at high
+    # noise, while at low noise it is mostly the part no model removes (the noise, seen through a nearly clean latent)
+    for model, steps, batch, lr, extra in (('encoder', 8, 4, 1e-2, {}),
+                                           ('decoder', 24, 8, 3e-3, dict(train_shift=12.0, low_sigma_share=0.0))):
         caught = {}
 
         def spy_wrap(raw, *rest):
@@ -182,6 +183,20 @@ def test_decoder_loss_weighs_latent_channels_by_codec_scale(trained):
     assert run['cfg']['latent_weight_power'] == 1.0
     scale = run['codec'].scale.float()
     assert torch.allclose(run['loss_weight'].cpu(), scale / scale.mean())
+
+
+def test_low_sigma_share_trains_the_samplers_last_noise_levels():
+    """low_sigma_share: that share of the batch (its first rows) at noise levels uniform on [0, low_sigma_max],
+    the rest SD3's shifted logit-normal draws as without it; 0 (the default) is exactly SD3's draws."""
+    cfg = dict(train_sft.config, train_shift=3.0, low_sigma_max=0.3)
+    draw = lambda share: train_sft.train_sigmas(dict(cfg, low_sigma_share=share), 1000, torch.Generator().manual_seed(0))
+    sd3 = D.sample_sigmas_train(1000, 3.0, torch.Generator().manual_seed(0))
+    assert torch.equal(draw(0.0), sd3)
+    mixed = draw(0.25)
+    assert torch.equal(mixed[250:], sd3[250:])
+    low = mixed[:250]
+    assert low.min() >= 0 and low.max() < 0.3 and abs(low.mean().item() - 0.15) < 0.02  # uniform on [0, 0.3]
+    assert (sd3 < 0.3).float().mean() < 0.05  # what the share adds: SD3's draws rarely go there
 
 
 def test_decoder_projector_trains_at_projector_lr(trained):
