@@ -71,8 +71,8 @@ config = dict(
     dec_steps=1600, dec_lr=1e-3, dec_levels="{'complete': 0.8, 'named': 0.2}", dec_low_sigma_share=0.125,
     # G4U of round 1 does nearly all of the loop's work (I2T2I object F1 0.24 -> 0.90 in 20 steps, seed 2).
     # U4G's reward starts at 0.93-0.99 of 1 on the G4U encoder's captions: 40 steps (recipe C) and 20 (recipe
-    # E) moved neither it nor any evaluation in either round (docs/results.md). With recipe H's decoder the 8
-    # images of a caption nearly always score the same: 0 updates in 20 steps on seed 1, 3 on seed 2
+    # E) moved neither it nor any evaluation in either round (docs/results.md). With recipe H's and I's decoders
+    # the 8 images of a caption nearly always score the same: 0 updates in 20 steps on seed 1, 3 and 2 on seed 2
     g4u1_steps=30, u4g1_steps=10, g4u2_steps=30, u4g2_steps=10,
     # measured on the toy (train_rl.py --stage=g4u --steps=30, one seed): two updates per batch of rollouts
     # reached held-out object F1 0.635 at step 15 against 0.406, for 7 % more CPU; U4G without its

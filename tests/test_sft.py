@@ -187,7 +187,7 @@ def test_decoder_loss_weighs_latent_channels_by_codec_scale(trained):
 
 def test_low_sigma_share_trains_the_samplers_last_noise_levels():
     """low_sigma_share: that share of the batch (its first rows) at noise levels uniform on [0, low_sigma_max],
-    the rest SD3's shifted logit-normal draws as without it; 0 (the default) is exactly SD3's draws."""
+    the rest SD3's shifted logit-normal draws as without it; 0 is exactly SD3's draws (the default: 0.125)."""
     cfg = dict(train_sft.config, train_shift=3.0, low_sigma_max=0.3)
     draw = lambda share: train_sft.train_sigmas(dict(cfg, low_sigma_share=share), 1000, torch.Generator().manual_seed(0))
     sd3 = D.sample_sigmas_train(1000, 3.0, torch.Generator().manual_seed(0))
