@@ -349,7 +349,7 @@ def test_geneval_end_to_end_on_the_toy_checkpoints(tmp_path, capsys, one_thread)
         assert summary[it['category']] == np.mean(same)
     assert re.search(r'\| no adapters \| [\d.]+ \|', capsys.readouterr().out)
     # a DiT adapter changes what is drawn; the batch size does not. The shipped DiT adapter is zero (U4G's
-    # groups all had equal rewards: docs/results.md, recipe H) and G4U's leaves the LLM layers the decoder
+    # groups all had equal rewards: docs/results.md, recipes H and I) and G4U's leaves the LLM layers the decoder
     # reads alone, so the test draws with the shipped adapters' files, the DiT's lora_B made non-zero
     lora = tmp_path / 'dit_lora'
     shutil.copytree(os.path.join(REPO, 'checkpoints', 'toy', 'dit_lora'), lora)

@@ -233,7 +233,7 @@ def test_shipped_decoder_draws_what_its_caption_says():
 
 def test_shipped_reward_rises_with_caption_detail():
     """What G4U needs (issue 5): the toy reward of reconstructions from complete captions beats that from
-    one-object captions of the same scenes (100 test images: 1.000 against 0.282, `python bench.py --task reward --split=test`)."""
+    one-object captions of the same scenes (100 test images: 1.000 against 0.145, `python bench.py --task reward --split=test`)."""
     from embedders import similarities
     cfg = dict(DEFAULTS, device='cpu')
     enc, dit, vae, pooled = pipeline.load_uae(cfg, 'cpu')
